@@ -1,0 +1,241 @@
+"""The `finetune` command line. Each command parses its arguments, loads the recipe and hands the typed
+recipe to its workflow module, imported lazily so that `finetune --help` stays instant.
+
+Exit codes: 0 success · 2 the user's input is wrong (one message, no traceback) · 1 a bug or an
+environment failure (message plus the file holding the full traceback). `--debug` or FINETUNE_DEBUG=1
+shows tracebacks instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from finetune.errors import RunStopped, UserError
+
+app = typer.Typer(
+    name="finetune",
+    help="LoRA / QLoRA fine-tuning from YAML recipes: sft, dpo, eval, merge, chat, inspect.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True, highlight=False)
+
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", "-s", help="Override a recipe key, e.g. --set training.max_steps=3 (repeatable)."),
+]
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("FINETUNE_DEBUG", "") not in ("", "0")
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False) -> None:
+    if debug:
+        os.environ["FINETUNE_DEBUG"] = "1"
+
+
+def _recipe(path: Path, overrides: list[str] | None, method: str | None = None):
+    from finetune import recipe as recipes
+
+    r = recipes.load(path, overrides)
+    if method:
+        recipes.require_method(r, method, str(path))
+    return r
+
+
+@app.command()
+def sft(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML.")],
+    set_: SetOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from the latest complete checkpoint of the output folder.")] = False,
+) -> None:
+    """Supervised fine-tuning with LoRA (4-bit QLoRA by default) through TRL's SFTTrainer."""
+    r = _recipe(recipe, set_, "sft")
+    from finetune import train
+
+    train.run(r, "sft", overwrite=overwrite, resume=resume)
+
+
+@app.command()
+def dpo(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML with a `dpo:` section.")],
+    set_: SetOpt = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from the latest complete checkpoint of the output folder.")] = False,
+) -> None:
+    """Preference tuning (DPO) through TRL's DPOTrainer, from the base or an SFT adapter."""
+    r = _recipe(recipe, set_, "dpo")
+    from finetune import train
+
+    train.run(r, "dpo", overwrite=overwrite, resume=resume)
+
+
+@app.command()
+def inspect(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML.")],
+    set_: SetOpt = None,
+    examples: Annotated[int, typer.Option("--examples", "-n", help="How many examples to render.")] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the statistics as JSON.")] = False,
+) -> None:
+    """Show exactly what a recipe will train on: format, lengths, masks, padding, memory estimate."""
+    r = _recipe(recipe, set_)
+    from finetune import inspect as inspect_
+
+    inspect_.run(r, examples=examples, as_json=as_json)
+
+
+@app.command("eval")
+def eval_(
+    models: Annotated[list[str], typer.Argument(help="Bases, adapter folders or merged folders to compare.")],
+    data: Annotated[Path, typer.Option(help="Held-out data: .txt / text column, or chat / instruction data.")],
+    max_length: Annotated[int, typer.Option(help="Window length in tokens.")] = 1024,
+    stride: Annotated[Optional[int], typer.Option(help="Step between windows (default: the window).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
+    quantization: Annotated[Optional[str], typer.Option(help="Override how bases load: 4bit, 8bit or none.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
+) -> None:
+    """Perplexity of bases, adapters and merged models, side by side."""
+    from finetune import evaluate
+
+    evaluate.run(models, data, max_length=max_length, stride=stride, batch_size=batch_size, quantization=quantization, as_json=as_json)
+
+
+@app.command()
+def merge(
+    adapter: Annotated[Path, typer.Argument(help="Adapter folder written by `finetune sft` or `dpo`.")],
+    out: Annotated[Path, typer.Option(help="Where to write the merged model.")],
+    base: Annotated[Optional[str], typer.Option(help="Base to merge into (default: the adapter's base).")] = None,
+    dtype: Annotated[str, typer.Option(help="bf16, fp16 or fp32.")] = "bf16",
+    original_weights: Annotated[
+        bool, typer.Option(help="For 4-bit-trained adapters, merge into the original weights instead of the NF4 round trip.")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
+) -> None:
+    """Fold an adapter into a full safetensors model, then verify it against base + adapter."""
+    from finetune import merge as merge_
+
+    merge_.run(adapter, out, base=base, dtype=dtype, original_weights=original_weights, overwrite=overwrite)
+
+
+@app.command()
+def chat(
+    model: Annotated[str, typer.Argument(help="Base alias / folder / .gguf / hub id, adapter folder, or merged folder.")],
+    prompt: Annotated[Optional[str], typer.Option(help="One-shot: answer this and exit ('-' reads standard input).")] = None,
+    system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="0 means greedy.")] = None,
+    top_p: Annotated[Optional[float], typer.Option()] = None,
+    top_k: Annotated[Optional[int], typer.Option()] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option()] = None,
+    max_new_tokens: Annotated[int, typer.Option()] = 256,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    quantization: Annotated[Optional[str], typer.Option(help="Override how the base loads: 4bit, 8bit or none.")] = None,
+    compare: Annotated[bool, typer.Option(help="Answer with the base and with the adapter, side by side.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One-shot: print the answer with token counts and speed as JSON.")] = False,
+) -> None:
+    """Talk to a base, an adapter or a merged model, streaming."""
+    from finetune import chat as chat_
+
+    chat_.run(
+        model, prompt=prompt, system=system, temperature=temperature, top_p=top_p, top_k=top_k,
+        repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, seed=seed,
+        quantization=quantization, compare=compare, as_json=as_json,
+    )
+
+
+@app.command()
+def models() -> None:
+    """List the built-in base models and where their converted weights are cached."""
+    from rich.table import Table
+
+    from finetune.models import BUILTINS, builtin_gguf, gguf_cache_dir
+
+    table = Table(title="Built-in bases")
+    for col in ("alias", "model", "weights", "converted cache"):
+        table.add_column(col)
+    for b in BUILTINS.values():
+        gguf = builtin_gguf(b)
+        if gguf is None:
+            table.add_row(b.alias, b.description, f"[red]not installed[/] — {b.pip}", "-")
+        else:
+            cache = gguf_cache_dir(gguf)
+            state = str(cache) if (cache / "config.json").is_file() else f"{cache} [dim](converted on first use)[/]"
+            table.add_row(b.alias, b.description, str(gguf), state)
+    Console().print(table)
+    Console().print("Also accepted as model.base: a local HF folder, a .gguf file, or a hub id (owner/name).")
+
+
+def _crash_log(exc: BaseException) -> Path:
+    from finetune.models import cache_root
+
+    folder = cache_root() / "logs"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        folder = Path("/tmp")
+    path = folder / f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    path.write_text("".join(traceback.format_exception(exc)))
+    return path
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter (progress bars of weight loading, deprecation notices, bitsandbytes' note about
+    an optional CPU kernel) out of the user's terminal; --debug brings it back."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|peft|trl|accelerate)\b.*")
+
+
+def main() -> None:
+    if not debug_enabled() and "--debug" not in sys.argv:
+        quiet_libraries()
+    try:
+        app(standalone_mode=False)
+    except UserError as exc:
+        if debug_enabled():
+            traceback.print_exc()
+        console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        sys.exit(2)
+    except RunStopped as exc:
+        console.print(f"[bold red]stopped:[/] {exc}", soft_wrap=True)
+        sys.exit(1)
+    except (typer.Abort, KeyboardInterrupt):
+        console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:  # click's usage errors are user errors too
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(2 if isinstance(exc, click.UsageError) else exc.exit_code)
+        if debug_enabled():
+            traceback.print_exc()
+            sys.exit(1)
+        where = _crash_log(exc)
+        console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\nfull traceback: {where} (rerun with --debug to print it)", soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

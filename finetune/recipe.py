@@ -1,0 +1,257 @@
+"""Typed recipes: the YAML a user writes, validated once, then passed through every workflow.
+
+`load(path, overrides)` reads a recipe file, applies `--set a.b=value` overrides, validates the
+result with pydantic and reports every problem at once as `path: what is wrong — how to fix`.
+Field descriptions are the only help text: the README's recipe reference is generated from them.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from finetune.errors import UserError
+
+DEFAULT_BASE = "smollm2-135m-instruct"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    base: str = Field(
+        DEFAULT_BASE,
+        description="Base model: a built-in alias (see `finetune models`), a local Hugging Face folder, "
+        "a `.gguf` file, or a hub id such as `Qwen/Qwen2.5-7B-Instruct`.",
+    )
+    quantization: Literal["4bit", "8bit", "none"] = Field(
+        "4bit", description="How the frozen base is stored: `4bit` (QLoRA, NF4), `8bit`, or `none`."
+    )
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto",
+        description="Compute dtype. `auto`: bf16 on GPUs and CPUs that support it, else fp16 (GPU) or fp32.",
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto", description="Attention kernel. `auto` uses PyTorch SDPA."
+    )
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field(
+        "auto", description="Where to train. `auto`: CUDA if present, else MPS, else CPU."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow code shipped with a hub model to run. Only set this for models you trust."
+    )
+    adapter: str | None = Field(
+        None, description="Start from an existing LoRA adapter folder (continue training it; DPO uses it as reference)."
+    )
+
+
+class LoraSection(Section):
+    r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: Literal["all-linear"] | list[str] = Field(
+        "all-linear", description="Module names to adapt, or `all-linear` for every linear layer except the output head."
+    )
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
+
+
+class DataSection(Section):
+    train: str | list[str] = Field(
+        ..., description="Training data: a file (.jsonl .json .csv .parquet .txt), a folder of such files, a list of them, or a hub dataset id."
+    )
+    format: Literal[
+        "auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference"
+    ] = Field("auto", description="Record format. `auto` detects it from the fields and prints what it found.")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Rename unusual fields to the expected ones, e.g. `{question: prompt, answer: completion}`.",
+    )
+    validation: str | float | None = Field(
+        None, description="Held-out data: a file, or a fraction (0-0.5) of the training rows chosen by `training.seed`."
+    )
+    max_length: int = Field(1024, ge=8, description="Longest example in tokens.")
+    truncation: Literal["truncate", "drop"] = Field(
+        "truncate", description="What to do with longer examples: cut them at `max_length`, or drop them."
+    )
+    max_dropped_fraction: float = Field(
+        0.5, ge=0, le=1, description="Stop before training if more than this share of rows would be dropped."
+    )
+    packing: bool = Field(False, description="Pack several examples into each `max_length` row (fewer, fuller steps).")
+    train_on: Literal["completions", "all"] = Field(
+        "completions", description="`completions`: loss on assistant turns only (with their end-of-turn token). `all`: every token."
+    )
+    system_prompt: str | None = Field(None, description="System message added to conversations that have none.")
+
+    @field_validator("validation")
+    @classmethod
+    def _fraction_range(cls, v: Any) -> Any:
+        if isinstance(v, float) and not 0 < v <= 0.5:
+            raise ValueError("a validation fraction must be between 0 and 0.5 — e.g. 0.1, or give a file path")
+        return v
+
+
+class TrainingSection(Section):
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides `epochs`).")
+    epochs: float = Field(1, gt=0, description="Passes over the training data.")
+    learning_rate: float = Field(2e-4, gt=0, lt=1, description="Peak learning rate.")
+    batch_size: int = Field(4, ge=1, description="Examples per device per micro-step.")
+    gradient_accumulation: int = Field(1, ge=1, description="Micro-steps per optimizer step.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up the learning rate.")
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "cosine", description="Learning-rate schedule."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    seed: int = Field(42, description="Seed for data order, LoRA initialisation and the validation split.")
+    gradient_checkpointing: Literal["auto"] | bool = Field(
+        "auto", description="Recompute activations to save memory. `auto`: on for CUDA with a base of 1B+ parameters, off otherwise."
+    )
+    padding_free: Literal["auto"] | bool = Field(
+        "auto", description="Flatten each batch into one row without padding. `auto`: on where it is faster."
+    )
+    log_every: int = Field(10, ge=1, description="Log metrics every N steps.")
+    eval_every: int | None = Field(None, ge=1, description="Evaluate on the validation data every N steps (and always at the end).")
+    save_every: int | None = Field(None, ge=1, description="Save a checkpoint every N steps (needed for `--resume`).")
+    save_total_limit: int = Field(3, ge=1, description="Keep at most this many checkpoints.")
+    diverge_factor: float = Field(
+        4.0, gt=1, description="Warn when the loss rises above this multiple of its lowest value."
+    )
+    report_to: Literal["none", "tensorboard", "wandb"] = Field("none", description="Extra experiment tracker.")
+
+
+class DpoSection(Section):
+    beta: float = Field(0.1, gt=0, description="Strength of the KL penalty towards the reference model.")
+    loss: Literal[
+        "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+        "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft",
+    ] | list[str] = Field("sigmoid", description="DPO loss type(s) as named by TRL; a list combines several.")
+
+
+class OutputSection(Section):
+    dir: str | None = Field(None, description="Output folder. Default: `adapters/<recipe file name>`.")
+
+
+class Recipe(Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: DataSection
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    dpo: DpoSection | None = Field(None, description="Present only in DPO recipes (`finetune dpo`).")
+    output: OutputSection = Field(default_factory=OutputSection)
+    name: str = Field("run", description="Run name; defaults to the recipe file name.")
+
+    @model_validator(mode="after")
+    def _combinations(self) -> Recipe:
+        if self.data.packing and self.training.padding_free is True:
+            raise ValueError(
+                "data.packing and training.padding_free cannot both be on — packing already removes padding; set one of them to false"
+            )
+        return self
+
+    def output_dir(self) -> Path:
+        return Path(self.output.dir) if self.output.dir else Path("adapters") / self.name
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---- loading ---------------------------------------------------------------------------------------
+
+
+def _set_path(tree: dict, dotted: str, raw: str) -> None:
+    """Apply one `--set a.b=value`; the value is parsed as YAML so numbers and lists keep their types."""
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.get(k)
+        if child is None:
+            child = node[k] = {}
+        if not isinstance(child, dict):
+            raise UserError(f"--set {dotted}: `{k}` is not a section — use a full key such as training.max_steps=3")
+        node = child
+    node[keys[-1]] = yaml.safe_load(raw) if raw != "" else None
+
+
+def parse_override(item: str) -> tuple[str, str]:
+    if "=" not in item or item.startswith("="):
+        raise UserError(f"--set {item!r}: expected KEY=VALUE — e.g. --set training.max_steps=3")
+    key, value = item.split("=", 1)
+    return key.strip(), value
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Known keys of the model at `loc` (for did-you-mean)."""
+    model: type[BaseModel] | None = Recipe
+    for part in loc:
+        if model is None or part not in model.model_fields:
+            return []
+        ann = model.model_fields[part].annotation
+        model = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return list(model.model_fields) if model else []
+
+
+def format_errors(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and (p.startswith("function-") or p in ("str", "float", "list[str]", "literal['all-linear']", "literal['auto']", "bool", "int"))))
+        path = ".".join(str(p) for p in loc) or "(recipe)"
+        if e["type"] == "extra_forbidden":
+            known = _fields_at(loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
+            hint = f"did you mean `{close[0]}`?" if close else f"known keys here: {', '.join(known)}"
+            lines.append(f"{path}: unknown key — {hint}")
+        elif e["type"] == "missing":
+            lines.append(f"{path}: required — add it to the recipe")
+        elif e["type"] == "literal_error":
+            lines.append(f"{path}: {e['input']!r} is not allowed — {e['msg'].replace('Input should be ', 'use ')}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+            lines.append(f"{path}: {msg}{got}")
+    # one problem may surface once per union member; keep each line once
+    unique = list(dict.fromkeys(lines))
+    return f"{source}: {len(unique)} problem(s) in the recipe:\n" + "\n".join(f"  {l}" for l in unique)
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: recipe file not found — check the path (recipes live in recipes/)")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)}) — fix the syntax there") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file — a recipe is UTF-8 YAML") from None
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: a recipe is a mapping of sections (model, lora, data, training, dpo, output)")
+    tree.setdefault("name", path.stem)
+    for item in overrides or []:
+        _set_path(tree, *parse_override(item))
+    try:
+        recipe = Recipe.model_validate(tree)
+    except ValidationError as err:
+        raise UserError(format_errors(err, str(path))) from None
+    # relative data paths in a recipe are relative to where the command runs (the repository root)
+    return recipe
+
+
+def require_method(recipe: Recipe, method: Literal["sft", "dpo"], path: str) -> None:
+    """A DPO recipe given to `sft`, or the reverse, is a mistake worth naming."""
+    if method == "sft" and recipe.dpo is not None:
+        raise UserError(f"{path}: this is a DPO recipe (it has a `dpo:` section) — run `finetune dpo {path}`")
+    if method == "dpo" and recipe.dpo is None:
+        raise UserError(
+            f"{path}: this recipe has no `dpo:` section, so it is an SFT recipe — run `finetune sft {path}`, "
+            "or add `dpo: {beta: 0.1}` to make it a DPO recipe"
+        )

@@ -1,0 +1,375 @@
+"""What `sft` and `dpo` share: load, prepare data, attach LoRA, run a TRL trainer with progress,
+checkpoints, resume, Ctrl-C and NaN handling, then write the adapter folder.
+
+Run with `finetune sft recipes/quickstart.yaml` (or `finetune dpo ...`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from finetune import artifacts, data, models
+from finetune.errors import RunStopped, UserError
+from finetune.recipe import Recipe
+
+console = Console(stderr=True, highlight=False)
+
+
+@dataclass
+class Speed:
+    """Speed-related settings chosen for this device; recorded in the manifest."""
+
+    device: str
+    dtype: str
+    quantization: str
+    gradient_checkpointing: bool
+    padding_free: bool
+    packing: bool
+    loss: str  # how the loss is computed
+
+
+def choose_speed(recipe: Recipe, loaded: models.Loaded, method: str) -> Speed:
+    n_params = sum(p.numel() for p in loaded.model.parameters())
+    t = recipe.training
+    gc = t.gradient_checkpointing
+    if gc == "auto":
+        # recomputation costs ~30 % speed; only worth it where activations don't fit: big models on GPUs
+        gc = loaded.device == "cuda" and n_params >= 1e9
+    pf = t.padding_free
+    if pf == "auto":
+        # flattening the batch removes padding work; on CUDA it needs a varlen attention kernel to pay off
+        pf = (not recipe.data.packing) and method == "sft" and (
+            loaded.device == "cpu" or recipe.model.attn_implementation == "flash_attention_2")
+    if pf and method != "sft":
+        raise UserError("training.padding_free: only supported by `finetune sft` — set it to auto or false for DPO")
+    return Speed(loaded.device, str(loaded.dtype).removeprefix("torch."), loaded.quantization, bool(gc), bool(pf),
+                 recipe.data.packing, "model loss over trained positions" if method == "sft" else "TRL DPO loss")
+
+
+# ---- LoRA ----------------------------------------------------------------------------------------
+
+
+def attach_lora(recipe: Recipe, loaded: models.Loaded, speed: Speed):
+    from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from transformers import set_seed
+
+    model = loaded.model
+    if loaded.quantization != "none":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=speed.gradient_checkpointing)
+    elif speed.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    set_seed(recipe.training.seed)  # the LoRA initialisation is part of what a seed reproduces
+    if recipe.model.adapter:
+        folder = Path(recipe.model.adapter)
+        if not (folder / "adapter_config.json").is_file():
+            raise UserError(f"model.adapter: {folder} is not an adapter folder (no adapter_config.json)")
+        try:
+            return PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+        except (RuntimeError, ValueError) as exc:
+            raise UserError(f"model.adapter: {folder} does not fit base `{recipe.model.base}` ({str(exc).splitlines()[0][:200]})") from None
+    lc = recipe.lora
+    config = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
+                        use_dora=lc.use_dora, use_rslora=lc.use_rslora, task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, config)
+    except ValueError as exc:
+        raise UserError(f"lora.target_modules: {str(exc).splitlines()[0][:300]} — use all-linear or names such as q_proj, v_proj") from None
+
+
+# ---- callbacks -----------------------------------------------------------------------------------
+
+
+def make_callbacks(recipe: Recipe, out: Path, metrics: list[dict], state: dict):
+    from transformers import TrainerCallback
+
+    class Finetune(TrainerCallback):
+        """Rich progress, metrics.jsonl, checkpoint completion markers, Ctrl-C and divergence warnings."""
+
+        def on_train_begin(self, args, st, control, **kw):
+            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                     TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console, transient=False)
+            self.task = self.progress.add_task(recipe.name, total=st.max_steps, completed=st.global_step, info="")
+            self.progress.start()
+            self.t0, self.step0 = time.time(), st.global_step
+            self.best = math.inf
+
+        def on_step_end(self, args, st, control, **kw):
+            self.progress.update(self.task, completed=st.global_step)
+            if state.get("interrupted"):
+                control.should_save = True
+                control.should_training_stop = True
+
+        def on_log(self, args, st, control, logs=None, **kw):
+            logs = dict(logs or {})
+            row = {"step": st.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+            trainer = state.get("trainer")
+            elapsed = time.time() - self.t0
+            if trainer is not None and getattr(trainer, "real_tokens", 0) and elapsed > 0:
+                row["tokens_per_s"] = round(trainer.real_tokens / elapsed, 1)
+                row["trained_tokens"] = trainer.trained_tokens
+            if "loss" in row:
+                self.best = min(self.best, row["loss"])
+                if row["loss"] > recipe.training.diverge_factor * self.best:
+                    console.print(f"[yellow]warning:[/] loss {row['loss']:.3f} is over {recipe.training.diverge_factor}x its lowest "
+                                  f"({self.best:.3f}): training may be diverging — consider a lower training.learning_rate")
+            metrics.append(row)
+            with (out / "metrics.jsonl").open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            info = "  ".join(f"{k} {row[k]:.4g}" for k in ("loss", "eval_loss", "learning_rate", "tokens_per_s") if k in row)
+            self.progress.update(self.task, info=info)
+
+        def on_save(self, args, st, control, **kw):
+            folder = Path(args.output_dir) / f"checkpoint-{st.global_step}"
+            if folder.is_dir():
+                (folder / artifacts.COMPLETE).write_text(str(st.global_step))
+
+        def on_train_end(self, args, st, control, **kw):
+            self.progress.stop()
+
+    return [Finetune()]
+
+
+# ---- resume --------------------------------------------------------------------------------------
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    folder = out / "checkpoints"
+    found = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
+    for ckpt in reversed(found):
+        if (ckpt / artifacts.COMPLETE).is_file():
+            return ckpt
+        console.print(f"[yellow]skipping incomplete checkpoint {ckpt} (no completion marker)[/]")
+    return None
+
+
+def run_identity(recipe: Recipe, prepared: data.Prepared) -> dict:
+    tree = recipe.model_dump(mode="json")
+    return {"recipe": tree, "data": [{"path": f["path"], "sha256": f["sha256"]} for f in prepared.files]}
+
+
+def diff_identity(old: dict, new: dict) -> list[str]:
+    changes = []
+    for section, fields in new["recipe"].items():
+        before = old["recipe"].get(section)
+        if isinstance(fields, dict) and isinstance(before, dict):
+            changes += [f"{section}.{k}: {before.get(k)!r} -> {v!r}" for k, v in fields.items() if before.get(k) != v]
+        elif before != fields:
+            changes.append(f"{section}: {before!r} -> {fields!r}")
+    if old["data"] != new["data"]:
+        changes.append("data files changed (contents or list)")
+    return changes
+
+
+# ---- the run -------------------------------------------------------------------------------------
+
+
+def peak_memory_mb(device: str) -> float:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Token ids that end an assistant turn: the last trained token of a rendered answer, plus EOS."""
+    ids, labels = data.tokenize_conversation(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}], "completions")
+    trained = [t for t in labels if t != -100]
+    out = [trained[-1]] if trained and trained[-1] in tokenizer.all_special_ids else []
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in out:
+        out.append(tokenizer.eos_token_id)
+    return out
+
+
+def save_generation_config(model, tokenizer, folder: Path) -> None:
+    from transformers import GenerationConfig
+
+    gc = getattr(model, "generation_config", None) or GenerationConfig()
+    gc = GenerationConfig.from_dict(gc.to_dict())
+    gc.eos_token_id = end_of_turn_ids(tokenizer)
+    gc.pad_token_id = tokenizer.pad_token_id
+    gc.save_pretrained(folder)
+
+
+def point_adapter_at_base(folder: Path, base: models.Base) -> None:
+    """Record the base as an absolute folder (or hub id) so plain `AutoPeftModelForCausalLM` finds it from any
+    working directory; the manifest keeps the name the user wrote (e.g. the built-in alias)."""
+    cfg_path = folder / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = base.spec if base.kind == "hub" else str(Path(base.path).resolve())
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
+def model_card(recipe: Recipe, method: str, base: models.Base, summary: dict) -> str:
+    lines = [f"# {recipe.name}", "", f"LoRA adapter trained with `finetune {method}` on base `{base.spec}`.", "",
+             "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in summary.items()]
+    lines += ["", "Load it without this toolkit:", "", "```python", "from peft import AutoPeftModelForCausalLM",
+              "from transformers import AutoTokenizer", f'model = AutoPeftModelForCausalLM.from_pretrained("{recipe.output_dir()}")',
+              f'tokenizer = AutoTokenizer.from_pretrained("{recipe.output_dir()}")', "```", "",
+              "`recipe.yaml` holds the resolved recipe; `manifest.json` the versions, data hashes and metrics.", ""]
+    return "\n".join(lines)
+
+
+def run(recipe: Recipe, method: str, *, overwrite: bool = False, resume: bool = False) -> Path:
+    import torch
+    import transformers
+
+    if not (console.is_terminal or __import__("os").environ.get("FINETUNE_DEBUG")):
+        transformers.logging.set_verbosity_error()
+    out = recipe.output_dir()
+    artifacts.prepare_output(out, overwrite=overwrite, resume=resume)
+    checkpoint = None
+    if resume:
+        checkpoint = latest_checkpoint(out)
+        if checkpoint is None:
+            raise UserError(f"{out}: no complete checkpoint to resume from — run without --resume (training.save_every makes checkpoints)")
+    started = time.time()
+    console.print(f"[bold]finetune {method}[/] {recipe.name} → {out}")
+    loaded = models.load(recipe.model, log=console.print)
+    console.print(f"base: {loaded.base.spec} ({loaded.base.kind}) · {loaded.quantization} · {loaded.device} · {loaded.dtype}")
+    prepared = data.prepare(recipe.data, loaded.tokenizer, method, recipe.training.seed, log=console.print)
+    identity = run_identity(recipe, prepared)
+    if resume:
+        saved = out / "checkpoints" / "run.json"
+        if saved.is_file():
+            changes = diff_identity(json.loads(saved.read_text()), identity)
+            if changes:
+                raise UserError(f"{out}: the recipe or data changed since this run started, so --resume would mix two runs:\n  "
+                                + "\n  ".join(changes) + "\nrevert the change, or start afresh with --overwrite")
+    speed = choose_speed(recipe, loaded, method)
+    model = attach_lora(recipe, loaded, speed)
+
+    if not resume and out.exists():
+        shutil.rmtree(out)  # only reached with --overwrite (checked above), after every input was validated
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    artifacts.write_json(out / "checkpoints" / "run.json", identity)
+    artifacts.write_atomic(out / "recipe.yaml", recipe.to_yaml())
+    metrics: list[dict] = []
+    if resume and (out / "metrics.jsonl").is_file():
+        step = int(checkpoint.name.split("-")[-1])
+        metrics = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r.get("step", 0) <= step]
+    artifacts.write_metrics(out / "metrics.jsonl", metrics)
+
+    state: dict = {}
+    callbacks = make_callbacks(recipe, out, metrics, state)
+    if method == "sft":
+        from finetune import sft as method_module
+    else:
+        from finetune import dpo as method_module
+    trainer = method_module.build(recipe, loaded, model, prepared, speed, out / "checkpoints", callbacks)
+    state["trainer"] = trainer
+    from transformers import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+
+    def on_sigint(signum, frame):
+        if state.get("interrupted"):
+            raise KeyboardInterrupt
+        state["interrupted"] = True
+        console.print("\n[yellow]Ctrl-C: saving a checkpoint after this step (press again to abort without saving)[/]")
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except RunStopped as exc:
+        last = latest_checkpoint(out)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint had been saved yet"
+        raise RunStopped(f"{exc} — {kept}. Lower training.learning_rate or check the data, then rerun (--resume continues from it)") from None
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if state.get("interrupted"):
+        last = latest_checkpoint(out)
+        console.print(f"[yellow]stopped at step {trainer.state.global_step}; checkpoint saved to {last}[/]\n"
+                      f"continue with: finetune {method} <recipe> --resume")
+        raise SystemExit(130)
+
+    final = dict(metrics[-1]) if metrics else {}
+    if prepared.validation:
+        ev = trainer.evaluate()
+        final.update({k: v for k, v in ev.items() if isinstance(v, (int, float))})
+        if "eval_loss" in ev:
+            final["eval_perplexity"] = math.exp(min(ev["eval_loss"], 50))
+            metrics.append({"step": trainer.state.global_step, **{k: v for k, v in ev.items() if isinstance(v, (int, float))}})
+    train_losses = [r["loss"] for r in metrics if "loss" in r]
+    wall = time.time() - started
+    summary = {
+        "steps": trainer.state.global_step,
+        "trained tokens": getattr(trainer, "trained_tokens", None),
+        "wall time (s)": round(wall, 1),
+        "tokens/s": round(getattr(trainer, "real_tokens", 0) / trainer_train_seconds(trainer, wall), 1),
+        "peak memory (MiB)": round(peak_memory_mb(loaded.device)),
+        "final train loss": round(train_losses[-1], 4) if train_losses else None,
+        "eval loss": round(final["eval_loss"], 4) if "eval_loss" in final else None,
+        "eval perplexity": round(final["eval_perplexity"], 3) if "eval_perplexity" in final else None,
+    }
+
+    staging = out / ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    trainer.model.save_pretrained(staging)
+    point_adapter_at_base(staging, loaded.base)
+    loaded.tokenizer.save_pretrained(staging)
+    save_generation_config(loaded.model, loaded.tokenizer, staging)
+    (staging / "recipe.yaml").write_text(recipe.to_yaml())
+    artifacts.write_metrics(staging / "metrics.jsonl", metrics)
+    artifacts.plot_loss(staging / "loss.png", metrics, f"{recipe.name} ({method})")
+    (staging / "README.md").write_text(model_card(recipe, method, loaded.base, summary))
+    manifest = {
+        "method": method,
+        "versions": artifacts.library_versions(),
+        "git_commit": artifacts.git_commit(),
+        "base": {"spec": loaded.base.spec, "kind": loaded.base.kind, **models.weights_identity(loaded.base.path)},
+        "quantization": loaded.quantization,
+        "adapter_start": recipe.model.adapter,
+        "data": {"format": prepared.format, "files": prepared.files, "train_examples": len(prepared.train),
+                 "validation_examples": len(prepared.validation), "truncated": prepared.truncated, "dropped": prepared.dropped},
+        "seed": recipe.training.seed,
+        "machine": artifacts.machine(),
+        "speed": asdict(speed),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
+        "ended": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "summary": summary,
+        "final_metrics": final,
+    }
+    artifacts.write_json(staging / "manifest.json", manifest)
+    artifacts.publish(staging, out)
+    show_summary(summary, out)
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return out
+
+
+def trainer_train_seconds(trainer, fallback: float) -> float:
+    for row in reversed(trainer.state.log_history):
+        if "train_runtime" in row:
+            return row["train_runtime"]
+    return fallback
+
+
+def show_summary(summary: dict, out: Path) -> None:
+    table = Table(title="run summary", show_header=False)
+    for k, v in summary.items():
+        table.add_row(k, "-" if v is None else str(v))
+    table.add_row("adapter", str(out))
+    console.print(table)
+
+
+def check_finite(loss) -> None:
+    import torch
+
+    if not torch.isfinite(loss.detach()).all():
+        raise RunStopped(f"the loss became {loss.item()} (not finite), so training stopped before applying this step")
