@@ -412,10 +412,10 @@ def tokenize_sft(tokenizer, records: list[tuple[dict, str]], section: DataSectio
                 prepared.dropped["longer than max_length"] = prepared.dropped.get("longer than max_length", 0) + 1
                 continue
             ids, labels = ids[: section.max_length], labels[: section.max_length]
-            prepared.truncated += 1
         if all(t == -100 for t in labels[1:]):  # the first label is never predicted
             prepared.dropped["no trained tokens"] = prepared.dropped.get("no trained tokens", 0) + 1
             continue
+        prepared.truncated += truncated
         examples.append(Example(ids, labels, where, truncated))
     return examples
 
