@@ -99,9 +99,11 @@ def _first_bad_json_line(path: Path) -> str | None:
         for n, line in enumerate(fh, 1):
             if line.strip():
                 try:
-                    json.loads(line)
+                    obj = json.loads(line)
                 except json.JSONDecodeError as exc:
                     return f"{path} line {n}: invalid JSON ({exc.msg} at column {exc.colno}) — fix or remove that line"
+                if not isinstance(obj, dict):
+                    return f"{path} line {n}: expected one JSON object per line, got {type(obj).__name__} — wrap the record in {{...}}"
     return None
 
 
@@ -109,10 +111,14 @@ def read_file(path: Path) -> list[Row]:
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # read errors are reported by us, with the line
     kind = READERS[path.suffix]
     if path.stat().st_size == 0:
         raise UserError(f"{path}: file is empty — add some examples")
+    if path.suffix == ".jsonl":
+        bad = _first_bad_json_line(path)
+        if bad:
+            raise UserError(bad)
     if path.suffix == ".json":
         # a list of records, or an object holding one list of records under some key
         try:
@@ -131,10 +137,6 @@ def read_file(path: Path) -> list[Row]:
     try:
         ds = datasets.load_dataset(kind, data_files=str(path), split="train", **kwargs)
     except Exception as exc:
-        if path.suffix == ".jsonl":
-            bad = _first_bad_json_line(path)
-            if bad:
-                raise UserError(bad) from None
         raise UserError(f"{path}: could not read this {kind} file ({str(exc).splitlines()[0][:200]}) — check its format") from None
     rows = ds.to_list()
     if path.suffix == ".jsonl":

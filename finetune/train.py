@@ -251,6 +251,7 @@ def run(recipe: Recipe, method: str, *, overwrite: bool = False, resume: bool = 
                 raise UserError(f"{out}: the recipe or data changed since this run started, so --resume would mix two runs:\n  "
                                 + "\n  ".join(changes) + "\nrevert the change, or start afresh with --overwrite")
     speed = choose_speed(recipe, loaded, method)
+    warn_memory(recipe, loaded)
     model = attach_lora(recipe, loaded, speed)
 
     if not resume and out.exists():
@@ -351,6 +352,17 @@ def run(recipe: Recipe, method: str, *, overwrite: bool = False, resume: bool = 
     show_summary(summary, out)
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return out
+
+
+def warn_memory(recipe: Recipe, loaded: models.Loaded) -> None:
+    """A run that will not fit should say so now, not an hour in."""
+    from finetune.inspect import available_memory_gib, memory_estimate
+
+    est = memory_estimate(recipe, loaded.model.config, 2 if loaded.dtype != __import__("torch").float32 else 4)
+    have = available_memory_gib(loaded.device)
+    if have and est["total"] > 0.9 * have:
+        console.print(f"[yellow]warning:[/] this recipe needs about {est['total']:.1f} GiB but the {loaded.device} has {have:.1f} GiB — "
+                      "lower training.batch_size or data.max_length, use model.quantization: 4bit, or set training.gradient_checkpointing: true")
 
 
 def trainer_train_seconds(trainer, fallback: float) -> float:

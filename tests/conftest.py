@@ -81,6 +81,12 @@ def tiny_tokenizer(tiny):
     return AutoTokenizer.from_pretrained(tiny)
 
 
+@pytest.fixture(scope="session")
+def builtin_cache(tmp_path_factory):
+    """One conversion of the built-in GGUF base, shared by the slow tests."""
+    return tmp_path_factory.mktemp("finetune-cache")
+
+
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):
     """Each test runs in its own folder with its own cache, so outputs never collide."""

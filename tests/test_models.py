@@ -83,12 +83,6 @@ def test_models_command_lists_builtin(cli):
     assert "smollm2-135m-instruct" in res.out
 
 
-@pytest.fixture(scope="session")
-def builtin_cache(tmp_path_factory):
-    """One conversion of the built-in GGUF shared by the slow tests."""
-    return tmp_path_factory.mktemp("finetune-cache")
-
-
 @pytest.mark.slow
 def test_builtin_alias_and_gguf_path_resolve_offline(builtin_cache, monkeypatch):
     monkeypatch.setenv("FINETUNE_CACHE", str(builtin_cache))
