@@ -211,7 +211,11 @@ def main() -> None:
     if not debug_enabled() and "--debug" not in sys.argv:
         quiet_libraries()
     try:
-        app(standalone_mode=False)
+        rv = app(standalone_mode=False)
+        if isinstance(rv, int) and rv:  # click turns Ctrl-C into a return code here
+            if rv == 130:
+                console.print("[yellow]interrupted[/]")
+            sys.exit(rv)
     except UserError as exc:
         if debug_enabled():
             traceback.print_exc()
