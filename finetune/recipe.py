@@ -125,12 +125,15 @@ class TrainingSection(Section):
     report_to: Literal["none", "tensorboard", "wandb"] = Field("none", description="Extra experiment tracker.")
 
 
+DpoLoss = Literal[
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+    "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+]
+
+
 class DpoSection(Section):
     beta: float = Field(0.1, gt=0, description="Strength of the KL penalty towards the reference model.")
-    loss: Literal[
-        "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
-        "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft",
-    ] | list[str] = Field("sigmoid", description="DPO loss type(s) as named by TRL; a list combines several.")
+    loss: DpoLoss | list[DpoLoss] = Field("sigmoid", description="DPO loss type(s) as named by TRL; a list combines several.")
 
 
 class OutputSection(Section):

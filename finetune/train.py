@@ -77,6 +77,8 @@ def attach_lora(recipe: Recipe, loaded: models.Loaded, speed: Speed):
         if not (folder / "adapter_config.json").is_file():
             raise UserError(f"model.adapter: {folder} is not an adapter folder (no adapter_config.json)")
         try:
+            # For DPO, TRL's DPOTrainer copies this starting adapter into a frozen `ref` adapter on the same base
+            # (only the small adapter weights exist twice), so the reference is base + SFT adapter.
             return PeftModel.from_pretrained(model, str(folder), is_trainable=True)
         except (RuntimeError, ValueError) as exc:
             raise UserError(f"model.adapter: {folder} does not fit base `{recipe.model.base}` ({str(exc).splitlines()[0][:200]})") from None
@@ -310,7 +312,9 @@ def run(recipe: Recipe, method: str, *, overwrite: bool = False, resume: bool = 
         "steps": trainer.state.global_step,
         "trained tokens": getattr(trainer, "trained_tokens", None),
         "wall time (s)": round(wall, 1),
-        "tokens/s": round(getattr(trainer, "real_tokens", 0) / trainer_train_seconds(trainer, wall), 1),
+        "tokens/s": round(tokens_seen(trainer) / trainer_train_seconds(trainer, wall), 1),
+        "examples/s": round(trainer.state.global_step * trainer.args.per_device_train_batch_size
+                            * trainer.args.gradient_accumulation_steps / trainer_train_seconds(trainer, wall), 2),
         "peak memory (MiB)": round(peak_memory_mb(loaded.device)),
         "final train loss": round(train_losses[-1], 4) if train_losses else None,
         "eval loss": round(final["eval_loss"], 4) if "eval_loss" in final else None,
@@ -320,7 +324,7 @@ def run(recipe: Recipe, method: str, *, overwrite: bool = False, resume: bool = 
     staging = out / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
-    trainer.model.save_pretrained(staging)
+    trainer.model.save_pretrained(staging, selected_adapters=["default"])
     point_adapter_at_base(staging, loaded.base)
     loaded.tokenizer.save_pretrained(staging)
     save_generation_config(loaded.model, loaded.tokenizer, staging)
@@ -380,6 +384,14 @@ def warn_memory(recipe: Recipe, loaded: models.Loaded) -> None:
     if have and est["total"] > 0.9 * have:
         console.print(f"[yellow]warning:[/] this recipe needs about {est['total']:.1f} GiB but the {loaded.device} has {have:.1f} GiB — "
                       "lower training.batch_size or data.max_length, use model.quantization: 4bit, or set training.gradient_checkpointing: true")
+
+
+def tokens_seen(trainer) -> int:
+    """Real (non-padding) tokens processed: counted by our SFT trainer, by TRL's `num_tokens` for DPO."""
+    if getattr(trainer, "real_tokens", 0):
+        return trainer.real_tokens
+    counts = [r["num_tokens"] for r in trainer.state.log_history if "num_tokens" in r]
+    return int(counts[-1]) if counts else 0
 
 
 def trainer_train_seconds(trainer, fallback: float) -> float:
