@@ -218,7 +218,10 @@ def eval_side(args, toolkit: bool) -> dict:
 
     path = resolve_base(BASE, log=lambda s: None).path
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(args.device).eval()
+    # the same dtype finetune picks for this device, so both compute the same perplexity
+    from finetune.models import pick_dtype
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype("auto", args.device)).to(args.device).eval()
     ids = tok(Path(args.data).read_text(), return_tensors="pt").input_ids
     t = time.perf_counter()
     nll, count, prev_end = 0.0, 0, 0
@@ -353,7 +356,8 @@ def one(argv: list[str]) -> None:
 def measure(what: str, out_dir: Path, **opts) -> dict:
     out = out_dir / f"{what}-{time.time_ns()}.json"
     cmd = [sys.executable, __file__, "one", what, "--out", str(out)] + [x for k, v in opts.items() for x in (f"--{k.replace('_', '-')}", str(v))]
-    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
 
 
@@ -440,7 +444,7 @@ def suite(args) -> None:
     for side in ("baseline", "toolkit"):
         res = measure(f"dpo-{side}", raw, data=dpo_data, steps=max(1, steps // 2), device=device, work=work / f"dpo-{side}")
         med = statistics.median(res["times"][1:] or res["times"])
-        d[side] = {"median_step_s": med, "pairs_per_s": args.batch / med, "peak_mb": res["peak_mb"], "final_loss": res["losses"][-1]}
+        d[side] = {"median_step_s": med, "pairs_per_s": 4 / med, "peak_mb": res["peak_mb"], "final_loss": res["losses"][-1]}
     report["dpo"] = {**d, "ratio_pairs_per_s": d["toolkit"]["pairs_per_s"] / d["baseline"]["pairs_per_s"]}
     print("dpo ratio:", round(report["dpo"]["ratio_pairs_per_s"], 2))
 
