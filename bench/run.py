@@ -60,10 +60,15 @@ def bench_data(folder: Path, n: int = 48, seed: int = 0) -> Path:
 
 
 def peak_mb(device: str) -> float:
+    """Peak memory of this process: allocated on the GPU, or the resident high-water mark on the CPU
+    (VmHWM, which unlike ru_maxrss does not inherit the parent's size across fork + exec)."""
     if device == "cuda":
         import torch
 
         return torch.cuda.max_memory_allocated() / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -144,6 +149,7 @@ def sft_baseline(args) -> dict:
 
 def sft_toolkit(args) -> dict:
     from finetune import data, models, recipe as recipes, sft, train
+    from finetune import speed as speed_mod
 
     r = recipes.Recipe.model_validate({
         "model": {"base": BASE, "quantization": args.quant, "device": args.device},
@@ -154,14 +160,15 @@ def sft_toolkit(args) -> dict:
     })
     loaded = models.load(r.model, log=lambda s: None)
     prepared = data.prepare(r.data, loaded.tokenizer, "sft", 0, log=lambda s: None)
-    speed = train.choose_speed(r, loaded, "sft")
+    speed = speed_mod.choose(r, loaded, "sft")
     model = train.attach_lora(r, loaded, speed)
+    speed_mod.apply(loaded.model, model, speed)
     timer = StepTimer()
     trainer = sft.build(r, loaded, model, prepared, speed, Path(args.work), [timer])
     real, padded = real_and_padded_tokens(trainer, args.steps)
     trainer.train()
     return {"times": timer.times, "losses": timer.losses, "real_tokens": real, "padded_tokens": padded,
-            "peak_mb": peak_mb(args.device), "speed": train.asdict(speed)}
+            "peak_mb": peak_mb(args.device), "speed": __import__("dataclasses").asdict(speed)}
 
 
 def dpo_side(args, toolkit: bool) -> dict:
@@ -172,6 +179,7 @@ def dpo_side(args, toolkit: bool) -> dict:
     timer = StepTimer()
     if toolkit:
         from finetune import data, dpo, models, recipe as recipes, train
+        from finetune import speed as speed_mod
 
         r = recipes.Recipe.model_validate({
             "model": {"base": BASE, "quantization": args.quant, "device": args.device}, "lora": {"r": 16, "alpha": 32},
@@ -179,8 +187,10 @@ def dpo_side(args, toolkit: bool) -> dict:
             "training": {"max_steps": args.steps, "batch_size": args.batch, "log_every": 1, "seed": 0, "warmup_ratio": 0.0}})
         loaded = models.load(r.model, log=lambda s: None)
         prepared = data.prepare(r.data, loaded.tokenizer, "dpo", 0, log=lambda s: None)
-        speed = train.choose_speed(r, loaded, "dpo")
-        trainer = dpo.build(r, loaded, train.attach_lora(r, loaded, speed), prepared, speed, Path(args.work), [timer])
+        speed = speed_mod.choose(r, loaded, "dpo")
+        model = train.attach_lora(r, loaded, speed)
+        speed_mod.apply(loaded.model, model, speed)
+        trainer = dpo.build(r, loaded, model, prepared, speed, Path(args.work), [timer])
     else:
         from peft import LoraConfig
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -265,6 +275,17 @@ def merge_side(args, toolkit: bool) -> dict:
     return {"seconds": time.perf_counter() - t, "peak_mb": peak_mb("cpu")}
 
 
+def prepare_side(args) -> dict:
+    """Convert the built-in base and build the synthetic merge model, outside the parent process."""
+    from finetune.models import resolve_base
+
+    resolve_base(BASE, log=lambda s: None)
+    synthetic_base(Path(args.work), hidden=args.batch, layers=args.steps)
+    import torch
+
+    return {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
 def chat_side(args, toolkit: bool) -> dict:
     import torch
 
@@ -323,7 +344,7 @@ ONE = {"sft-toolkit": sft_toolkit, "sft-baseline": sft_baseline,
        "eval-toolkit": lambda a: eval_side(a, True), "eval-baseline": lambda a: eval_side(a, False),
        "merge-toolkit": lambda a: merge_side(a, True), "merge-baseline": lambda a: merge_side(a, False),
        "chat-toolkit": lambda a: chat_side(a, True), "chat-baseline": lambda a: chat_side(a, False),
-       "peak": lambda a: matmul_peak_gflops(a.device)}
+       "peak": lambda a: matmul_peak_gflops(a.device), "prepare": prepare_side}
 
 
 def one(argv: list[str]) -> None:
@@ -384,98 +405,107 @@ def synthetic_base(folder: Path, hidden: int, layers: int) -> Path:
     return folder
 
 
-def suite(args) -> None:
-    import torch
-
-    from finetune.models import resolve_base
-
-    device = args.device
-    quick = args.quick
-    results_dir = ROOT / "bench" / "results"
-    results_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
-    raw = work / "raw"
-    raw.mkdir(exist_ok=True)
-    resolve_base(BASE, log=print)  # convert once, outside the timings
-    data = bench_data(work)
-    steps = 1 if quick else args.steps
-    rounds = 1 if quick else args.rounds
-    report: dict = {"suite": f"{device}{'-quick' if quick else ''}", "date": time.strftime("%Y-%m-%d %H:%M"),
-                    "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                                "torch": torch.__version__,
-                                "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None},
-                    "settings": {"base": BASE, "max_length": 512, "batch": 4, "lora": "r16 all-linear", "steps": steps, "rounds": rounds,
-                                 "quantization": args.quant}}
-    report["matmul_peak_gflops"] = measure("peak", raw, device=device)
-    print("matmul peak GFLOP/s:", report["matmul_peak_gflops"])
-
-    # SFT, alternating baseline and toolkit
-    sft = {"toolkit": [], "baseline": []}
-    for r in range(rounds):
+def bench_sft(ctx) -> dict:
+    """SFT: alternating baseline and toolkit rounds; real tokens/s from the median step time."""
+    runs = {"toolkit": [], "baseline": []}
+    for r in range(ctx["rounds"]):
         for side in ("baseline", "toolkit"):
-            res = measure(f"sft-{side}", raw, data=data, steps=steps, quant=args.quant, device=device, work=work / f"sft-{side}")
-            res.update(step_stats(res, skip=1 if steps > 2 else 0))
-            sft[side].append(res)
-            print(f"sft {side} round {r}: median step {res['median_step_s']:.2f}s, losses {res['losses'][-1:]}, peak {res['peak_mb']:.0f} MiB")
+            res = measure(f"sft-{side}", ctx["raw"], data=ctx["data"], steps=ctx["steps"], quant=ctx["quant"], device=ctx["device"],
+                          work=ctx["work"] / f"sft-{side}")
+            res.update(step_stats(res, skip=1 if ctx["steps"] > 2 else 0))
+            runs[side].append(res)
+            print(f"sft {side} round {r}: median step {res['median_step_s']:.2f}s, last loss {res['losses'][-1]:.4f}, peak {res['peak_mb']:.0f} MiB")
 
-    def summarise(runs):
-        med = statistics.median(x["median_step_s"] for x in runs)
-        real = runs[0]["real_tokens"] / max(1, len(runs[0]["times"]))
-        padded = runs[0]["padded_tokens"] / max(1, len(runs[0]["times"]))
+    def summarise(rs):
+        med = statistics.median(x["median_step_s"] for x in rs)
+        real = rs[0]["real_tokens"] / max(1, len(rs[0]["times"]))
+        padded = rs[0]["padded_tokens"] / max(1, len(rs[0]["times"]))
         return {"median_step_s": med, "real_tokens_per_s": real / med, "padded_tokens_per_s": padded / med,
-                "peak_mb": max(x["peak_mb"] for x in runs), "final_loss": statistics.mean(x["losses"][-1] for x in runs),
-                "mean_loss": statistics.mean(statistics.mean(x["losses"]) for x in runs)}
+                "peak_mb": max(x["peak_mb"] for x in rs), "final_loss": statistics.mean(x["losses"][-1] for x in rs),
+                "mean_loss": statistics.mean(statistics.mean(x["losses"]) for x in rs)}
 
-    s_t, s_b = summarise(sft["toolkit"]), summarise(sft["baseline"])
-    n_params = 134_515_008
-    flops_per_token = 4 * n_params
-    peak = report["matmul_peak_gflops"]["bf16" if device == "cpu" else "bf16"] * 1e9
-    for s in (s_t, s_b):
-        s["mfu"] = round(flops_per_token * s["real_tokens_per_s"] / peak, 4)
-    report["sft"] = {"toolkit": s_t, "baseline": s_b, "speed_settings": sft["toolkit"][0].get("speed"),
-                     "ratio_real_tokens_per_s": s_t["real_tokens_per_s"] / s_b["real_tokens_per_s"],
-                     "ratio_peak_memory": s_t["peak_mb"] / s_b["peak_mb"]}
-    print("sft ratio:", round(report["sft"]["ratio_real_tokens_per_s"], 2))
+    t, b = summarise(runs["toolkit"]), summarise(runs["baseline"])
+    # MFU: ~4N FLOPs per trained token for LoRA (forward 2N, input gradients 2N; frozen weights get none)
+    flops_per_token = 4 * 134_515_008
+    peak = ctx["peak"]["bf16"] * 1e9
+    for x in (t, b):
+        x["mfu"] = round(flops_per_token * x["real_tokens_per_s"] / peak, 4)
+    out = {"toolkit": t, "baseline": b, "speed_settings": runs["toolkit"][0].get("speed"),
+           "ratio_real_tokens_per_s": t["real_tokens_per_s"] / b["real_tokens_per_s"], "ratio_peak_memory": t["peak_mb"] / b["peak_mb"]}
+    print(f"sft: {out['ratio_real_tokens_per_s']:.2f}x real tokens/s, memory ratio {out['ratio_peak_memory']:.2f}")
+    return out
 
-    # DPO
-    dpo_data = work / "bench_dpo.jsonl"
+
+def bench_dpo(ctx) -> dict:
     d = {}
     for side in ("baseline", "toolkit"):
-        res = measure(f"dpo-{side}", raw, data=dpo_data, steps=max(1, steps // 2), device=device, work=work / f"dpo-{side}")
+        res = measure(f"dpo-{side}", ctx["raw"], data=ctx["work"] / "bench_dpo.jsonl", steps=max(1, ctx["steps"] // 2),
+                      device=ctx["device"], work=ctx["work"] / f"dpo-{side}")
         med = statistics.median(res["times"][1:] or res["times"])
         d[side] = {"median_step_s": med, "pairs_per_s": 4 / med, "peak_mb": res["peak_mb"], "final_loss": res["losses"][-1]}
-    report["dpo"] = {**d, "ratio_pairs_per_s": d["toolkit"]["pairs_per_s"] / d["baseline"]["pairs_per_s"]}
-    print("dpo ratio:", round(report["dpo"]["ratio_pairs_per_s"], 2))
+    out = {**d, "ratio_pairs_per_s": d["toolkit"]["pairs_per_s"] / d["baseline"]["pairs_per_s"]}
+    print(f"dpo: {out['ratio_pairs_per_s']:.2f}x pairs/s")
+    return out
 
-    # eval
+
+def bench_eval(ctx) -> dict:
     e = {}
     for side in ("baseline", "toolkit"):
-        res = measure(f"eval-{side}", raw, data=work / "bench_eval.txt", device=device, batch=8, max_length=512)
+        res = measure(f"eval-{side}", ctx["raw"], data=ctx["work"] / "bench_eval.txt", device=ctx["device"], batch=8, max_length=512)
         res["tokens_per_s"] = res["tokens"] / res["seconds"]
         e[side] = res
-    report["eval"] = {**e, "ratio_tokens_per_s": e["toolkit"]["tokens_per_s"] / e["baseline"]["tokens_per_s"],
-                      "perplexity_rel_diff": abs(e["toolkit"]["perplexity"] / e["baseline"]["perplexity"] - 1)}
-    print("eval ratio:", round(report["eval"]["ratio_tokens_per_s"], 2))
+    out = {**e, "ratio_tokens_per_s": e["toolkit"]["tokens_per_s"] / e["baseline"]["tokens_per_s"],
+           "perplexity_rel_diff": abs(e["toolkit"]["perplexity"] / e["baseline"]["perplexity"] - 1)}
+    print(f"eval: {out['ratio_tokens_per_s']:.2f}x tokens/s, perplexity rel. diff {out['perplexity_rel_diff']:.1e}")
+    return out
 
-    # merge on a larger synthetic multi-shard Llama
-    syn = synthetic_base(work / "synthetic", hidden=512 if quick else 1536, layers=2 if quick else 12)
-    m = {}
-    for side in ("baseline", "toolkit"):
-        m[side] = measure(f"merge-{side}", raw, base=syn / "base", adapter=syn / "adapter", work=work / f"merge-{side}")
-    report["merge"] = {**m, "shards": len(list((syn / "base").glob("*.safetensors"))),
-                       "ratio_peak_memory": m["toolkit"]["peak_mb"] / m["baseline"]["peak_mb"]}
-    print("merge memory ratio:", round(report["merge"]["ratio_peak_memory"], 2))
 
-    # chat
-    c = {side: measure(f"chat-{side}", raw, steps=8 if quick else 64, device=device) for side in ("baseline", "toolkit")}
-    report["chat"] = {**c, "ratio_decode": c["toolkit"]["decode_tokens_per_s"] / c["baseline"]["decode_tokens_per_s"]}
+def bench_merge(ctx) -> dict:
+    syn = ctx["synthetic"]
+    m = {side: measure(f"merge-{side}", ctx["raw"], base=syn / "base", adapter=syn / "adapter", work=ctx["work"] / f"merge-{side}")
+         for side in ("baseline", "toolkit")}
+    out = {**m, "shards": len(list((syn / "base").glob("*.safetensors"))), "ratio_peak_memory": m["toolkit"]["peak_mb"] / m["baseline"]["peak_mb"]}
+    print(f"merge: peak memory ratio {out['ratio_peak_memory']:.2f}")
+    return out
 
-    name = f"{report['suite']}-{time.strftime('%Y%m%d-%H%M')}.json"
-    if not quick:
-        (results_dir / name).write_text(json.dumps(report, indent=2) + "\n")
+
+def bench_chat(ctx) -> dict:
+    c = {side: measure(f"chat-{side}", ctx["raw"], steps=8 if ctx["quick"] else 64, device=ctx["device"]) for side in ("baseline", "toolkit")}
+    out = {**c, "ratio_decode": c["toolkit"]["decode_tokens_per_s"] / c["baseline"]["decode_tokens_per_s"]}
+    print(f"chat: decode {out['ratio_decode']:.2f}x")
+    return out
+
+
+BENCHES = {"sft": bench_sft, "dpo": bench_dpo, "eval": bench_eval, "merge": bench_merge, "chat": bench_chat}
+
+
+def suite(args) -> None:
+    quick = args.quick
+    only = args.only.split(",") if args.only else list(BENCHES)
+    work = Path(args.work)
+    raw = work / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    data = bench_data(work)
+    # the parent stays small (no torch): each child is measured by its own high-water mark
+    syn = work / "synthetic"
+    env_info = measure("prepare", raw, work=syn, batch=512 if quick else 1536, steps=2 if quick else 12)
+    ctx = {"device": args.device, "quick": quick, "steps": 1 if quick else args.steps, "rounds": 1 if quick else args.rounds,
+           "quant": args.quant, "work": work, "raw": raw, "data": data, "synthetic": syn}
+    ctx["peak"] = measure("peak", raw, device=args.device)
+    report: dict = {"suite": f"{args.device}{'-quick' if quick else ''}", "date": time.strftime("%Y-%m-%d %H:%M"),
+                    "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
+                                "torch": env_info["torch"], "gpu": env_info["gpu"] if args.device == "cuda" else None},
+                    "settings": {"base": BASE, "max_length": 512, "batch": 4, "lora": "r16 all-linear", "steps": ctx["steps"],
+                                 "rounds": ctx["rounds"], "quantization": args.quant},
+                    "matmul_peak_gflops": ctx["peak"]}
+    print("matmul peak GFLOP/s:", ctx["peak"])
+    for name in only:
+        report[name] = BENCHES[name](ctx)
+    if not quick and set(only) == set(BENCHES):
+        results_dir = ROOT / "bench" / "results"
+        results_dir.mkdir(parents=True, exist_ok=True)
+        (results_dir / f"{report['suite']}-{time.strftime('%Y%m%d-%H%M')}.json").write_text(json.dumps(report, indent=2) + "\n")
         write_table(report)
-    print(json.dumps({k: report[k] for k in ("sft", "dpo", "eval", "merge")}, indent=1, default=str)[:3000])
 
 
 def write_table(r: dict) -> None:
@@ -522,6 +552,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--quant", default="none", choices=["none", "4bit", "8bit"])
     p.add_argument("--work", default="/tmp/finetune-bench")
+    p.add_argument("--only", default="", help="comma-separated subset of: " + ",".join(BENCHES) + " (results are written only for the full suite)")
     suite(p.parse_args())
 
 

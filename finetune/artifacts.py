@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import platform
@@ -34,10 +36,15 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def check_writable(folder: Path, what: str) -> None:
-    """Fail before a long job, not after it, when the output can't be written."""
-    probe_dir = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("."))
-    if not os.access(probe_dir, os.W_OK):
-        raise UserError(f"{folder}: {what} is not writable — choose another folder or fix its permissions")
+    """Fail before a long job, not after it, when the output can't be written: try writing a file in the
+    nearest existing folder (permission bits alone say nothing for root or read-only mounts)."""
+    probe_dir = folder if folder.is_dir() else next((p for p in folder.absolute().parents if p.exists()), Path("."))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=probe_dir, prefix=".finetune-probe-")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise UserError(f"{folder}: {what} is not writable ({exc.strerror}) — choose another folder or fix its permissions") from None
 
 
 def prepare_output(folder: Path, *, overwrite: bool, resume: bool, option: str = "output.dir") -> None:
@@ -48,6 +55,22 @@ def prepare_output(folder: Path, *, overwrite: bool, resume: bool, option: str =
         return
     if folder.is_dir() and any(folder.iterdir()) and not overwrite:
         raise UserError(f"{folder}: output folder is not empty — pass --overwrite to replace it, --resume to continue it, or set {option}")
+
+
+DISK_ERRORS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system", errno.EACCES: "permission denied"}
+
+
+@contextlib.contextmanager
+def disk_errors_are_user_errors(folder: Path, option: str):
+    """A full or read-only disk while writing outputs is the user's to fix: one message, exit code 2."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in DISK_ERRORS:
+            raise UserError(f"{folder}: {DISK_ERRORS[exc.errno]} while writing the output — nothing was published there; "
+                            f"free some space or choose another {option}") from None
+        raise
 
 
 def library_versions() -> dict:

@@ -207,25 +207,26 @@ def run(adapter: Path, out: Path, *, base: str | None, dtype: str, original_weig
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     start = time.perf_counter()
-    try:
-        stats = merge_shards(folder, adapter, tmp, dtype, getattr(torch, train_dtype) if round_trip else None)
-        merge_s = time.perf_counter() - start
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        write_metadata(folder, adapter, tmp, dtype, base_spec, how)
-        # compare with what the merge claims to reproduce: the 4-bit model as trained, or the original weights + adapter
-        check = verify(tmp, adapter, base_spec, trained_q if round_trip else "none", dtype, train_dtype)
-        report = {"adapter": str(adapter), "base": base_spec, "dtype": dtype, "merged_onto": "nf4_round_trip" if round_trip else "original",
-                  **stats, "merge_seconds": round(merge_s, 2), "peak_rss_mb_during_merge": round(peak_mb),
-                  "verification": check}
-        artifacts.write_json(tmp / "merge_report.json", report)
-        if not check["passed"]:
-            (tmp / "VERIFICATION_FAILED").write_text("merged logits differ from base + adapter beyond tolerance; see merge_report.json\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # an interrupted merge leaves nothing behind
-        raise
+    with artifacts.disk_errors_are_user_errors(out, "--out"):
+        try:
+            stats = merge_shards(folder, adapter, tmp, dtype, getattr(torch, train_dtype) if round_trip else None)
+            merge_s = time.perf_counter() - start
+            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            write_metadata(folder, adapter, tmp, dtype, base_spec, how)
+            # compare with what the merge claims to reproduce: the 4-bit model as trained, or the original weights + adapter
+            check = verify(tmp, adapter, base_spec, trained_q if round_trip else "none", dtype, train_dtype)
+            report = {"adapter": str(adapter), "base": base_spec, "dtype": dtype, "merged_onto": "nf4_round_trip" if round_trip else "original",
+                      **stats, "merge_seconds": round(merge_s, 2), "peak_rss_mb_during_merge": round(peak_mb),
+                      "verification": check}
+            artifacts.write_json(tmp / "merge_report.json", report)
+            if not check["passed"]:
+                (tmp / "VERIFICATION_FAILED").write_text("merged logits differ from base + adapter beyond tolerance; see merge_report.json\n")
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # an interrupted merge leaves nothing behind
+            raise
     t = Table(title=f"merged → {out}", show_header=False)
     t.add_row("merged onto", how)
     t.add_row("weights merged", f"{stats['merged_weights']} in {stats['shards']} shard(s)")

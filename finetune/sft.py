@@ -44,17 +44,17 @@ def training_args(recipe: Recipe, speed, out: Path, has_eval: bool) -> dict:
 
 def make_trainer_class():
     import torch
-    import torch.nn.functional as F
     from trl import SFTTrainer
 
+    from finetune.speed import linear_cross_entropy
     from finetune.train import check_finite
 
     class Trainer(SFTTrainer):
-        """SFTTrainer whose loss is cross-entropy over the trained positions only.
+        """SFTTrainer whose loss is a chunked cross-entropy over the trained positions only.
 
         TRL's fused head also computes entropy and top-1 accuracy over the full vocabulary in many fp32
         passes; on CPU that is a third of the step. Projecting only the positions with a label through
-        the output head gives the same loss for less work (see bench/)."""
+        the output head gives the same loss for less work and memory (see finetune/speed.py, bench/)."""
 
         real_tokens = 0
         trained_tokens = 0
@@ -65,14 +65,17 @@ def make_trainer_class():
             cfg = base.config.get_text_config()
             shift = labels[:, 1:]
             mask = shift != -100
-            if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+            head = base.get_output_embeddings()
+            if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) or head.bias is not None:
                 # heads with extra scaling: let the model compute its own loss
                 loss_sum = model(**inputs, labels=labels, use_cache=False).loss * mask.sum()
             else:
                 backbone = getattr(base, base.base_model_prefix)
-                hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, :-1]
-                logits = base.get_output_embeddings()(hidden[mask]).float()
-                loss_sum = F.cross_entropy(logits, shift[mask], reduction="sum")
+                # calling the backbone directly bypasses the autocast that accelerate wraps around the
+                # model's forward, so enter it here
+                with self.accelerator.autocast():
+                    hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, :-1]
+                loss_sum = linear_cross_entropy(hidden[mask], head.weight, shift[mask])
             n = num_items_in_batch if num_items_in_batch is not None else mask.sum()
             loss = loss_sum / torch.as_tensor(n, device=loss_sum.device).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:

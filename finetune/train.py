@@ -12,7 +12,7 @@ import resource
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import yaml
@@ -21,47 +21,17 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from finetune import artifacts, data, models
+from finetune import speed as speed_mod
 from finetune.errors import RunStopped, UserError
 from finetune.recipe import Recipe
 
 console = Console(stderr=True, highlight=False)
 
 
-@dataclass
-class Speed:
-    """Speed-related settings chosen for this device; recorded in the manifest."""
-
-    device: str
-    dtype: str
-    quantization: str
-    gradient_checkpointing: bool
-    padding_free: bool
-    packing: bool
-    loss: str  # how the loss is computed
-
-
-def choose_speed(recipe: Recipe, loaded: models.Loaded, method: str) -> Speed:
-    n_params = sum(p.numel() for p in loaded.model.parameters())
-    t = recipe.training
-    gc = t.gradient_checkpointing
-    if gc == "auto":
-        # recomputation costs ~30 % speed; only worth it where activations don't fit: big models on GPUs
-        gc = loaded.device == "cuda" and n_params >= 1e9
-    pf = t.padding_free
-    if pf == "auto":
-        # flattening the batch removes padding work; on CUDA it needs a varlen attention kernel to pay off
-        pf = (not recipe.data.packing) and method == "sft" and (
-            loaded.device == "cpu" or recipe.model.attn_implementation == "flash_attention_2")
-    if pf and method != "sft":
-        raise UserError("training.padding_free: only supported by `finetune sft` — set it to auto or false for DPO")
-    return Speed(loaded.device, str(loaded.dtype).removeprefix("torch."), loaded.quantization, bool(gc), bool(pf),
-                 recipe.data.packing, "model loss over trained positions" if method == "sft" else "TRL DPO loss")
-
-
 # ---- LoRA ----------------------------------------------------------------------------------------
 
 
-def attach_lora(recipe: Recipe, loaded: models.Loaded, speed: Speed):
+def attach_lora(recipe: Recipe, loaded: models.Loaded, speed: speed_mod.Speed):
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
 
@@ -252,9 +222,10 @@ def run(recipe: Recipe, method: str, *, overwrite: bool = False, resume: bool = 
             if changes:
                 raise UserError(f"{out}: the recipe or data changed since this run started, so --resume would mix two runs:\n  "
                                 + "\n  ".join(changes) + "\nrevert the change, or start afresh with --overwrite")
-    speed = choose_speed(recipe, loaded, method)
+    speed = speed_mod.choose(recipe, loaded, method)
     warn_memory(recipe, loaded)
     model = attach_lora(recipe, loaded, speed)
+    speed_mod.apply(loaded.model, model, speed)
 
     if not resume and out.exists():
         shutil.rmtree(out)  # only reached with --overwrite (checked above), after every input was validated
@@ -301,6 +272,7 @@ def run(recipe: Recipe, method: str, *, overwrite: bool = False, resume: bool = 
                       f"continue with: finetune {method} <recipe> --resume")
         raise SystemExit(130)
 
+    speed_mod.lora_input_casting(model, True)  # evaluation and saving run outside autocast
     final = dict(metrics[-1]) if metrics else {}
     if prepared.validation:
         ev = final_eval(trainer, loaded, prepared, method)
@@ -321,17 +293,6 @@ def run(recipe: Recipe, method: str, *, overwrite: bool = False, resume: bool = 
         "eval perplexity": round(final["eval_perplexity"], 3) if "eval_perplexity" in final else None,
     }
 
-    staging = out / ".staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    trainer.model.save_pretrained(staging, selected_adapters=["default"])
-    point_adapter_at_base(staging, loaded.base)
-    loaded.tokenizer.save_pretrained(staging)
-    save_generation_config(loaded.model, loaded.tokenizer, staging)
-    (staging / "recipe.yaml").write_text(recipe.to_yaml())
-    artifacts.write_metrics(staging / "metrics.jsonl", metrics)
-    artifacts.plot_loss(staging / "loss.png", metrics, f"{recipe.name} ({method})")
-    (staging / "README.md").write_text(model_card(recipe, method, loaded.base, summary))
     manifest = {
         "method": method,
         "versions": artifacts.library_versions(),
@@ -349,8 +310,23 @@ def run(recipe: Recipe, method: str, *, overwrite: bool = False, resume: bool = 
         "summary": summary,
         "final_metrics": final,
     }
-    artifacts.write_json(staging / "manifest.json", manifest)
-    artifacts.publish(staging, out)
+    staging = out / ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        with artifacts.disk_errors_are_user_errors(out, "output.dir"):
+            staging.mkdir()
+            trainer.model.save_pretrained(staging, selected_adapters=["default"])
+            point_adapter_at_base(staging, loaded.base)
+            loaded.tokenizer.save_pretrained(staging)
+            save_generation_config(loaded.model, loaded.tokenizer, staging)
+            (staging / "recipe.yaml").write_text(recipe.to_yaml())
+            artifacts.write_metrics(staging / "metrics.jsonl", metrics)
+            artifacts.plot_loss(staging / "loss.png", metrics, f"{recipe.name} ({method})")
+            (staging / "README.md").write_text(model_card(recipe, method, loaded.base, summary))
+            artifacts.write_json(staging / "manifest.json", manifest)
+            artifacts.publish(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # nothing half-written stays beside the published files
     show_summary(summary, out)
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return out

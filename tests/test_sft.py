@@ -73,12 +73,14 @@ def test_adapter_loads_in_plain_peft(cli, tmp_path, tiny):
 
 def test_completion_masks_reach_the_trainer(tmp_path, tiny):
     from finetune import data, models, recipe as recipes, sft, train
+    from finetune import speed as speed_mod
 
     r = recipes.load(recipe(tmp_path, tiny))
     loaded = models.load(r.model, log=lambda s: None)
     prepared = data.prepare(r.data, loaded.tokenizer, "sft", 0, log=lambda s: None)
-    speed = train.choose_speed(r, loaded, "sft")
+    speed = speed_mod.choose(r, loaded, "sft")
     model = train.attach_lora(r, loaded, speed)
+    speed_mod.apply(loaded.model, model, speed)
     trainer = sft.build(r, loaded, model, prepared, speed, tmp_path / "ck", [])
     batch = next(iter(trainer.get_train_dataloader()))
     trained = batch["labels"][batch["labels"] != -100]

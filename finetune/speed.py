@@ -1,0 +1,161 @@
+"""What makes training fast on each device: the settings chosen automatically (recorded in the manifest),
+and the three pieces of work no library does for us on a CPU (measured in bench/, see docs/benchmarks.md):
+
+- a cross-entropy over the trained positions only, computed in chunks with its input gradient formed in
+  the forward pass, so (tokens x vocabulary) fp32 logits never exist at once;
+- per-sequence causal attention for padding-free batches, instead of one dense block-diagonal mask over
+  the whole flattened batch (cost: sum of squared lengths instead of the square of their sum);
+- LoRA layers that leave their input in the autocast dtype instead of copying it to fp32 per adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from finetune.errors import UserError
+
+VARLEN = "finetune_varlen_sdpa"
+CHUNK = 512  # positions per chunk of the output head: 512 x 49k vocabulary x fp32 = 100 MB
+
+
+@dataclass
+class Speed:
+    """Speed-related settings chosen for this run; recorded in the manifest."""
+
+    device: str
+    dtype: str
+    quantization: str
+    gradient_checkpointing: bool
+    padding_free: bool
+    packing: bool
+    attention: str
+    loss: str
+
+
+def choose(recipe, loaded, method: str) -> Speed:
+    n_params = sum(p.numel() for p in loaded.model.parameters())
+    t = recipe.training
+    gc = t.gradient_checkpointing
+    if gc == "auto":
+        # recomputation costs ~30 % speed; only worth it where activations don't fit: big models on GPUs
+        gc = loaded.device == "cuda" and n_params >= 1e9
+    pf = t.padding_free
+    if pf == "auto":
+        # flattening the batch removes padding work; on CUDA it pays with a varlen (flash) kernel, on CPU with ours
+        pf = (not recipe.data.packing) and method == "sft" and (
+            loaded.device == "cpu" or recipe.model.attn_implementation == "flash_attention_2")
+    if pf and method != "sft":
+        raise UserError("training.padding_free: only supported by `finetune sft` — set it to auto or false for DPO")
+    attention = loaded.model.config._attn_implementation
+    if pf and attention == "sdpa":
+        # transformers keeps the flattened sequences apart with one dense block-diagonal mask over the whole
+        # batch; attention per sequence does the same work in sum(len^2) instead of (sum len)^2
+        attention = VARLEN
+    return Speed(loaded.device, str(loaded.dtype).removeprefix("torch."), loaded.quantization, bool(gc), bool(pf),
+                 recipe.data.packing, attention, "chunked cross-entropy over trained positions" if method == "sft" else "TRL DPO loss")
+
+
+def apply(base_model, peft_model, speed: Speed) -> None:
+    """Switch the model to the chosen attention and LoRA input handling (call after attaching LoRA)."""
+    if speed.attention == VARLEN:
+        use_varlen_attention(base_model)
+    lora_input_casting(peft_model, enabled=speed.dtype == "float32")  # bf16/fp16 train under autocast
+
+
+# ---- attention -------------------------------------------------------------------------------------
+
+
+def varlen_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """SDPA run once per sequence of a padding-free batch (sequence bounds from the collator's
+    `cu_seq_lens_q`); any other batch goes to transformers' own SDPA path unchanged."""
+    import torch
+    import torch.nn.functional as F
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    n_rep = query.shape[1] // key.shape[1]
+    key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+    bounds = cu.tolist()
+    p = dropout if module.training else 0.0
+    out = torch.cat([F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=p,
+                                                    is_causal=True, scale=scaling)
+                     for s, e in zip(bounds[:-1], bounds[1:])], dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_varlen_attention(model) -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(VARLEN, varlen_sdpa)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN, sdpa_mask)
+    model.set_attn_implementation(VARLEN)
+
+
+# ---- loss ------------------------------------------------------------------------------------------
+
+
+def _linear_cross_entropy():
+    import torch
+
+    class LinearCrossEntropy(torch.autograd.Function):
+        """Sum over rows of cross_entropy(hidden @ weight.T, targets) for a frozen output head.
+
+        Computed in chunks of CHUNK rows; each chunk's gradient w.r.t. `hidden` is formed right away
+        (softmax - one_hot) @ weight, so neither the logits nor softmax outlive their chunk."""
+
+        @staticmethod
+        def forward(ctx, hidden, weight, targets):
+            total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            grad = torch.empty_like(hidden)
+            with torch.autocast(hidden.device.type, enabled=False):
+                h_all = hidden.to(weight.dtype)
+                for i in range(0, hidden.shape[0], CHUNK):
+                    h, t = h_all[i:i + CHUNK], targets[i:i + CHUNK]
+                    logits = (h @ weight.T).float()
+                    lse = torch.logsumexp(logits, dim=-1)
+                    total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                    probs = logits.sub_(lse[:, None]).exp_()
+                    probs[torch.arange(len(t), device=t.device), t] -= 1
+                    grad[i:i + CHUNK] = (probs.to(weight.dtype) @ weight).to(grad.dtype)
+            ctx.save_for_backward(grad)
+            return total
+
+        @staticmethod
+        def backward(ctx, grad_output):
+            (grad,) = ctx.saved_tensors
+            return grad * grad_output.to(grad.dtype), None, None
+
+    return LinearCrossEntropy
+
+
+_LCE = None
+
+
+def linear_cross_entropy(hidden, weight, targets):
+    """Summed cross-entropy of a frozen linear head; falls back to autograd when the head is trained."""
+    global _LCE
+    import torch.nn.functional as F
+
+    if weight.requires_grad:
+        return F.cross_entropy((hidden @ weight.T).float(), targets, reduction="sum")
+    if _LCE is None:
+        _LCE = _linear_cross_entropy()
+    return _LCE.apply(hidden, weight, targets)
+
+
+# ---- LoRA input casting ----------------------------------------------------------------------------
+
+
+def lora_input_casting(model, enabled: bool) -> None:
+    """PEFT copies each LoRA layer's input to the adapter's fp32 dtype; under bf16 autocast the matmul casts
+    it straight back. Skipping the copy saves a full activation per adapter (memory and time). Only valid
+    while autocast is on, so it is switched back on for evaluation and saving."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for m in model.modules():
+        if isinstance(m, BaseTunerLayer):
+            m.cast_input_dtype_enabled = enabled
