@@ -85,7 +85,9 @@ def score(model, pad_id: int, items: list[tuple[list[int], list[int]]], batch_si
                     ids[row, : len(x)] = torch.tensor(x)
                     att[row, : len(x)] = 1
                     lab[row, : len(y)] = torch.tensor(y)
-                s, n = nll_sum(model, ids.to(device), att.to(device), lab.to(device))
+                # equal-length rows need no mask: attention takes its fast causal path
+                mask = None if all(len(x) == width for x, _ in chunk) else att.to(device)
+                s, n = nll_sum(model, ids.to(device), mask, lab.to(device))
                 total += s
                 count += n
                 progress.advance(task, len(chunk))

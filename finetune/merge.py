@@ -23,6 +23,7 @@ from finetune import artifacts, models
 from finetune.errors import UserError
 
 err = Console(stderr=True, highlight=False)
+MIN_PART_BYTES = 64 << 20  # smallest output part written by the merge
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # verification limits per output dtype: mean |logit difference| and top-1 agreement
 TOLERANCE = {"fp32": (1e-3, 1.0), "bf16": (5e-2, 0.95), "fp16": (2e-2, 0.95)}
@@ -86,7 +87,10 @@ def nf4_round_trip(weight, dtype):
 
 
 def merge_shards(base: Path, adapter: Path, out: Path, dtype: str, round_trip_dtype) -> dict:
-    """Write merged shards into `out`; returns counts. One shard in memory at a time."""
+    """Write the merged weights into `out`, one input shard at a time; returns counts.
+
+    Output is flushed in parts of at most a quarter of an input shard (64 MB at least), so memory holds
+    one input shard's pages plus one small output part, not a whole model."""
     import torch
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -95,10 +99,22 @@ def merge_shards(base: Path, adapter: Path, out: Path, dtype: str, round_trip_dt
     target = getattr(torch, DTYPES[dtype])
     remaining = dict(pairs)
     merged = 0
-    for shard in shard_files(base):
-        tensors = {}
+    shards = shard_files(base)
+    part_limit = max(MIN_PART_BYTES, max(f.stat().st_size for f in shards) // 4)
+    parts: list[tuple[str, list[str]]] = []
+    buffer: dict = {}
+    size = total = 0
+
+    def flush():
+        nonlocal buffer, size
+        if buffer:
+            name = f".part-{len(parts):05d}.safetensors"
+            save_file(buffer, str(out / name), metadata={"format": "pt"})
+            parts.append((name, list(buffer)))
+            buffer, size = {}, 0
+
+    for shard in shards:
         with safe_open(str(shard), "pt") as fh:
-            metadata = fh.metadata() or {}
             for name in fh.keys():
                 t = fh.get_tensor(name)
                 if name in remaining:
@@ -111,17 +127,29 @@ def merge_shards(base: Path, adapter: Path, out: Path, dtype: str, round_trip_dt
                         w = nf4_round_trip(w, round_trip_dtype)
                     t = w + scale * (b.float() @ a.float())
                     merged += 1
-                tensors[name] = t.to(target) if t.is_floating_point() else t
-        save_file(tensors, str(out / shard.name), metadata={**metadata, "format": "pt"})
-        del tensors
+                t = t.to(target) if t.is_floating_point() else t
+                buffer[name] = t
+                size += t.numel() * t.element_size()
+                total += t.numel() * t.element_size()
+                if size >= part_limit:
+                    flush()
+    flush()
     if remaining:
         missing = ", ".join(list(remaining)[:3])
         raise UserError(f"adapter {adapter} does not fit base {base}: the base has no weights named {missing} — "
                         f"pass the base it was trained on with --base")
-    index = base / "model.safetensors.index.json"
-    if index.is_file():
-        shutil.copy(index, out / index.name)
-    return {"merged_weights": merged, "shards": len(shard_files(base)), "scale": scale}
+    # name the parts the way transformers expects: one model.safetensors, or numbered shards plus an index
+    if len(parts) == 1:
+        os.replace(out / parts[0][0], out / "model.safetensors")
+    else:
+        weight_map = {}
+        for i, (tmp_name, keys) in enumerate(parts, 1):
+            final = f"model-{i:05d}-of-{len(parts):05d}.safetensors"
+            os.replace(out / tmp_name, out / final)
+            weight_map.update({k: final for k in keys})
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return {"merged_weights": merged, "input_shards": len(shards), "shards": len(parts), "scale": scale}
 
 
 def write_metadata(base: Path, adapter: Path, out: Path, dtype: str, base_spec: str, how: str) -> None:
@@ -229,7 +257,7 @@ def run(adapter: Path, out: Path, *, base: str | None, dtype: str, original_weig
             raise
     t = Table(title=f"merged → {out}", show_header=False)
     t.add_row("merged onto", how)
-    t.add_row("weights merged", f"{stats['merged_weights']} in {stats['shards']} shard(s)")
+    t.add_row("weights merged", f"{stats['merged_weights']}, {stats['input_shards']} shard(s) in, {stats['shards']} out")
     t.add_row("time / peak memory", f"{merge_s:.1f} s / {peak_mb:.0f} MiB (RSS, merge phase)")
     t.add_row("max / mean |Δlogit|", f"{check['max_abs_logit_diff']:.2e} / {check['mean_abs_logit_diff']:.2e}")
     t.add_row("top-1 agreement", f"{check['top1_agreement']:.1%}")

@@ -246,7 +246,11 @@ def load(section: ModelSection, *, quantization: str | None = None, for_training
         raise UserError(f"model.quantization: {quantization} does not run on Apple MPS — set quantization: none")
     if section.trust_remote_code:
         log("[yellow]warning:[/] trust_remote_code is on: code shipped with the model will run")
-    kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=section.trust_remote_code)
+    # pickle checkpoints can execute code on load: safetensors only, unless the recipe allows them
+    kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=section.trust_remote_code,
+                                  use_safetensors=None if section.allow_pickle_weights else True)
+    if section.allow_pickle_weights:
+        log("[yellow]warning:[/] allow_pickle_weights is on: .bin/.pt weight files may run code when loaded")
     if section.attn_implementation != "auto":
         kwargs["attn_implementation"] = section.attn_implementation
     qc = quantization_config(quantization, dtype)
@@ -257,6 +261,9 @@ def load(section: ModelSection, *, quantization: str | None = None, for_training
         model = AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
         tokenizer = load_tokenizer(base.path, section.trust_remote_code)
     except OSError as exc:
+        if "safetensors" in str(exc) and not section.allow_pickle_weights:
+            raise UserError(f"model.base: `{base.spec}` has no safetensors weights — convert them, or set "
+                            "model.allow_pickle_weights: true if you trust the files (pickle can run code)") from None
         if base.kind == "hub":
             raise UserError(
                 f"model.base: could not load `{base.spec}` — tried a built-in alias, a local folder, a .gguf file and the "

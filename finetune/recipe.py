@@ -45,6 +45,9 @@ class ModelSection(Section):
     trust_remote_code: bool = Field(
         False, description="Allow code shipped with a hub model to run. Only set this for models you trust."
     )
+    allow_pickle_weights: bool = Field(
+        False, description="Also load .bin / .pt weights (pickle, can run code). Off: safetensors only."
+    )
     adapter: str | None = Field(
         None, description="Start from an existing LoRA adapter folder (continue training it; DPO uses it as reference)."
     )

@@ -1,0 +1,347 @@
+"""Bad input across all commands: exit code 2, one message naming the key / file / line / value and the fix,
+no traceback, nothing half-written, nothing existing touched. Also kill -9 + --resume and a full disk.
+
+`python tests/test_reliability.py` rewrites the table in docs/reliability.md from CASES; a test keeps it in sync.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import REPO, toy_rows, write_jsonl, write_recipe  # noqa: E402
+
+PREF = {"prompt": "who", "chosen": "pico", "rejected": "no"}
+
+
+@dataclass
+class Case:
+    id: str
+    what: str  # the mistake, for the docs
+    expect: str  # a piece of the message
+    args: Callable[[Path, Path], list]  # (tmp, tiny) -> command line
+
+
+def good(tmp: Path, tiny: Path, **sections) -> dict:
+    data = tmp / "train.jsonl"
+    if not data.exists():
+        write_jsonl(data, toy_rows(8))
+    tree = {"model": {"base": str(tiny), "quantization": "none", "dtype": "fp32"}, "lora": {"r": 4},
+            "data": {"train": str(data), "max_length": 64}, "training": {"max_steps": 2, "batch_size": 2},
+            "output": {"dir": str(tmp / "out")}}
+    for k, v in sections.items():
+        if v is None:
+            tree.pop(k, None)
+        elif isinstance(v, dict) and isinstance(tree.get(k), dict):
+            tree[k] = {**tree[k], **v}
+        else:
+            tree[k] = v
+    return tree
+
+
+def recipe(tmp: Path, tiny: Path, **sections) -> Path:
+    return write_recipe(tmp / "r.yaml", good(tmp, tiny, **sections))
+
+
+def text(tmp: Path, name: str, content: str) -> Path:
+    (tmp / name).write_text(content)
+    return tmp / name
+
+
+def sft_with_data(name: str, content: str, **data):
+    return lambda t, m: ["sft", recipe(t, m, data={"train": str(text(t, name, content)), **data})]
+
+
+def adapter(tmp: Path, tiny: Path) -> Path:
+    """A finished adapter folder for the merge / eval / chat cases (trained once per test)."""
+    from finetune import train
+    from finetune.recipe import load
+
+    r = load(recipe(tmp, tiny, output={"dir": str(tmp / "ad")}))
+    train.run(r, "sft")
+    return tmp / "ad"
+
+
+def other_base(tmp: Path, tiny: Path) -> Path:
+    from transformers import AutoTokenizer
+
+    from conftest import build_model
+
+    build_model(tmp / "other", AutoTokenizer.from_pretrained(tiny), hidden=48)
+    return tmp / "other"
+
+
+def pickle_base(t: Path, m: Path) -> Path:
+    """A base folder whose weights are a pickle file."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    folder = t / "pickled"
+    shutil.copytree(m, folder)
+    torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    return folder
+
+
+def orphan_adapter(t: Path) -> Path:
+    """An adapter folder whose base folder no longer exists."""
+    (t / "ad").mkdir()
+    (t / "ad" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(t / "gone")}))
+    return t / "ad"
+
+
+def resumed_with_change(t, m):
+    from finetune import train
+    from finetune.recipe import load
+
+    train.run(load(recipe(t, m, training={"save_every": 1})), "sft")
+    return ["sft", t / "r.yaml", "--resume", "--set", "lora.r=8"]
+
+
+def nonempty_out(t, m):
+    (t / "out").mkdir()
+    (t / "out" / "precious.txt").write_text("keep me")
+    return ["sft", recipe(t, m)]
+
+
+GOOD_ROW = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n"
+
+CASES = [
+    # recipes
+    Case("recipe-missing", "recipe file does not exist", "recipe file not found", lambda t, m: ["sft", t / "nope.yaml"]),
+    Case("recipe-yaml", "recipe is not valid YAML", "r.yaml line 3: not valid YAML", lambda t, m: ["sft", text(t, "r.yaml", "data:\n  train: [a\n")]),
+    Case("recipe-list", "recipe is a list, not a mapping", "a recipe is a mapping", lambda t, m: ["sft", text(t, "r.yaml", "- a\n- b\n")]),
+    Case("unknown-section", "misspelt section", "trainin: unknown key — did you mean `training`?",
+         lambda t, m: ["sft", recipe(t, m, trainin={"max_steps": 1})]),
+    Case("unknown-key", "misspelt key", "training.learning_rat: unknown key — did you mean `learning_rate`?",
+         lambda t, m: ["sft", recipe(t, m, training={"learning_rat": 1e-4})]),
+    Case("wrong-type", "a string where a number belongs", "training.learning_rate:",
+         lambda t, m: ["sft", recipe(t, m, training={"learning_rate": "fast"})]),
+    Case("out-of-range", "LoRA rank 0", "lora.r:", lambda t, m: ["sft", recipe(t, m, lora={"r": 0})]),
+    Case("negative-batch", "negative batch size", "training.batch_size:", lambda t, m: ["sft", recipe(t, m, training={"batch_size": -2})]),
+    Case("bad-choice", "quantization that does not exist", "model.quantization: '3bit' is not allowed",
+         lambda t, m: ["sft", recipe(t, m, model={"quantization": "3bit"})]),
+    Case("validation-fraction", "validation fraction above 0.5", "data.validation", lambda t, m: ["sft", recipe(t, m, data={"validation": 0.9})]),
+    Case("no-data-section", "recipe without data", "data: required", lambda t, m: ["sft", recipe(t, m, data=None)]),
+    Case("set-syntax", "--set without =", "expected KEY=VALUE", lambda t, m: ["sft", recipe(t, m), "--set", "training.max_steps"]),
+    Case("set-unknown", "--set of an unknown key", "training.max_step: unknown key", lambda t, m: ["sft", recipe(t, m), "--set", "training.max_step=3"]),
+    Case("set-type", "--set with a wrong type", "training.max_steps:", lambda t, m: ["sft", recipe(t, m), "--set", "training.max_steps=abc"]),
+    Case("dpo-recipe-to-sft", "a DPO recipe given to sft", "run `finetune dpo", lambda t, m: ["sft", recipe(t, m, dpo={"beta": 0.1})]),
+    Case("sft-recipe-to-dpo", "an SFT recipe given to dpo", "run `finetune sft", lambda t, m: ["dpo", recipe(t, m)]),
+    Case("packing-and-padding-free", "packing together with padding_free", "cannot both be on",
+         lambda t, m: ["sft", recipe(t, m, data={"packing": True}, training={"padding_free": True})]),
+    Case("padding-free-dpo", "padding_free for DPO", "training.padding_free: only supported by `finetune sft`",
+         lambda t, m: ["dpo", recipe(t, m, data={"train": str(write_jsonl(t / "p.jsonl", [PREF] * 4))}, training={"padding_free": True},
+                                    dpo={"beta": 0.1})]),
+    Case("fp16-on-cpu", "fp16 training on a CPU", "model.dtype: fp16 is not supported", lambda t, m: ["sft", recipe(t, m, model={"dtype": "fp16"})]),
+    Case("cuda-missing", "device cuda without a GPU", "no CUDA GPU", lambda t, m: ["sft", recipe(t, m, model={"device": "cuda"})]),
+    # data
+    Case("data-missing", "training file does not exist", "data file not found", lambda t, m: ["sft", recipe(t, m, data={"train": str(t / "no.jsonl")})]),
+    Case("data-extension", "unsupported file type", "unsupported file type", sft_with_data("d.xml", "<a/>")),
+    Case("data-empty", "empty data file", "file is empty", sft_with_data("d.jsonl", "")),
+    Case("data-bad-json", "invalid JSON on line 3", "d.jsonl line 3: invalid JSON", sft_with_data("d.jsonl", GOOD_ROW * 2 + "{oops\n")),
+    Case("data-not-object", "a JSON line that is not an object", "d.jsonl line 2: expected one JSON object per line", sft_with_data("d.jsonl", GOOD_ROW + "[1, 2]\n")),
+    Case("data-unknown-role", "unknown role", "line 1: turn 1 has unknown role 'wizard'",
+         sft_with_data("d.jsonl", json.dumps({"messages": [{"role": "wizard", "content": "x"}, {"role": "assistant", "content": "y"}]}) + "\n")),
+    Case("data-non-string", "non-string content", "turn 2 content must be a string",
+         sft_with_data("d.jsonl", json.dumps({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": ["y"]}]}) + "\n")),
+    Case("data-no-assistant", "conversation without an assistant turn", "line 2: conversation has no assistant turn",
+         sft_with_data("d.jsonl", GOOD_ROW + json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")),
+    Case("data-unknown-fields", "fields of no known format", "map yours with data.columns", sft_with_data("d.jsonl", json.dumps({"q": "a", "r": "b"}) + "\n")),
+    Case("data-chosen-equals-rejected", "preference row with chosen identical to rejected", "line 2: chosen is identical to rejected",
+         lambda t, m: ["dpo", recipe(t, m, dpo={"beta": 0.1}, data={"train": str(text(t, "p.jsonl", json.dumps(PREF) + "\n" +
+                                                                               json.dumps({"prompt": "a", "chosen": "b", "rejected": "b"}) + "\n"))})]),
+    Case("data-preference-to-sft", "preference data given to sft", "train it with `finetune dpo`", sft_with_data("d.jsonl", json.dumps(PREF) + "\n")),
+    Case("data-chat-to-dpo", "chat data given to dpo", "DPO needs preference data",
+         lambda t, m: ["dpo", recipe(t, m, dpo={"beta": 0.1}, data={"train": str(text(t, "d.jsonl", GOOD_ROW))})]),
+    Case("data-empty-folder", "a folder with no data files", "folder holds no data files",
+         lambda t, m: (t / "empty").mkdir() or ["sft", recipe(t, m, data={"train": str(t / "empty")})]),
+    Case("data-all-dropped", "every row longer than max_length with truncation: drop", "no usable training examples",
+         lambda t, m: ["sft", recipe(t, m, data={"max_length": 8, "truncation": "drop"})]),
+    Case("data-json-two-lists", "a JSON object holding two lists", "exactly one list",
+         sft_with_data("d.json", json.dumps({"a": [{"text": "x"}], "b": [{"text": "y"}]}))),
+    # models and outputs
+    Case("base-missing", "base model that does not exist", "base model `no-such-model` not found", lambda t, m: ["sft", recipe(t, m, model={"base": "no-such-model"})]),
+    Case("base-pickle", "base whose weights are pickle files", "has no safetensors weights",
+         lambda t, m: ["sft", recipe(t, m, model={"base": str(pickle_base(t, m))})]),
+    Case("adapter-not-adapter", "model.adapter that is not an adapter folder", "model.adapter:",
+         lambda t, m: (t / "notad").mkdir() or ["sft", recipe(t, m, model={"adapter": str(t / "notad")})]),
+    Case("target-modules", "LoRA target modules the model does not have", "lora.target_modules:",
+         lambda t, m: ["sft", recipe(t, m, lora={"target_modules": ["nope_proj"]})]),
+    Case("output-not-empty", "non-empty output folder without --overwrite", "pass --overwrite", nonempty_out),
+    Case("output-is-file", "output.dir is a file", "exists and is a file",
+         lambda t, m: ["sft", recipe(t, m, output={"dir": str(text(t, "f", "x"))})]),
+    Case("output-not-writable", "output folder on a read-only location", "is not writable",
+         lambda t, m: ["sft", recipe(t, m, output={"dir": "/proc/finetune-out"})]),
+    Case("resume-nothing", "--resume with no checkpoint", "no complete checkpoint", lambda t, m: ["sft", recipe(t, m), "--resume"]),
+    Case("resume-changed", "--resume after the recipe changed", "lora.r: 4 -> 8", resumed_with_change),
+    # eval
+    Case("eval-data-missing", "eval with a missing data file", "data file not found", lambda t, m: ["eval", m, "--data", t / "none.txt"]),
+    Case("eval-empty-text", "eval on an empty text", "empty", lambda t, m: ["eval", m, "--data", text(t, "e.txt", "")]),
+    Case("eval-model-missing", "eval of a model that does not exist", "not found", lambda t, m: ["eval", t / "nomodel", "--data", text(t, "x.txt", "a b c")]),
+    Case("eval-adapter-base-missing", "eval of an adapter whose base is gone", "its base cannot be loaded",
+         lambda t, m: ["eval", orphan_adapter(t), "--data", text(t, "x.txt", "a b c")]),
+    Case("eval-max-length", "eval window of 1 token", "--max-length must be at least 2", lambda t, m: ["eval", m, "--data", text(t, "x.txt", "a b"), "--max-length", "1"]),
+    # merge
+    Case("merge-not-adapter", "merge of a folder that is not an adapter", "not an adapter folder", lambda t, m: ["merge", t, "--out", t / "merged"]),
+    Case("merge-out-exists", "merge into an existing folder without --overwrite", "already exists",
+         lambda t, m: (t / "merged").mkdir() or ["merge", adapter(t, m), "--out", t / "merged"]),
+    Case("merge-wrong-base", "merge onto a base of another shape", "does not fit base", lambda t, m: ["merge", adapter(t, m), "--out", t / "merged", "--base", other_base(t, m)]),
+    Case("merge-base-missing", "merge whose base cannot be found", "its base cannot be found",
+         lambda t, m: ["merge", adapter(t, m), "--out", t / "merged", "--base", str(t / "gone")]),
+    Case("merge-dtype", "merge to an unknown dtype", "--dtype: 'int3' is not allowed", lambda t, m: ["merge", adapter(t, m), "--out", t / "merged", "--dtype", "int3"]),
+    # chat
+    Case("chat-model-missing", "chat with a model that does not exist", "not found", lambda t, m: ["chat", t / "ghost", "--prompt", "hi"]),
+    Case("chat-max-new-tokens", "chat with --max-new-tokens 0", "--max-new-tokens must be at least 1", lambda t, m: ["chat", m, "--prompt", "hi", "--max-new-tokens", "0"]),
+    Case("chat-compare-base", "--compare without an adapter", "--compare needs an adapter", lambda t, m: ["chat", m, "--prompt", "hi", "--compare"]),
+    Case("chat-quantization", "chat with an unknown quantization", "--quantization: '2bit' is not allowed", lambda t, m: ["chat", m, "--prompt", "hi", "--quantization", "2bit"]),
+]
+
+
+def snapshot(root: Path) -> dict:
+    """Every file under root (except the cache) with its content hash."""
+    import hashlib
+
+    out = {}
+    for p in root.rglob("*"):
+        if p.is_file() and "cache" not in p.relative_to(root).parts[:1]:
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def test_at_least_forty_distinct_cases():
+    assert len({c.id for c in CASES}) == len(CASES) >= 40
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_bad_input(case, cli, tmp_path, tiny):
+    args = case.args(tmp_path, tiny)
+    before = snapshot(tmp_path)
+    res = cli(*args)
+    assert res.code == 2, res.text
+    assert case.expect in res.err, res.err
+    assert "Traceback" not in res.text
+    assert res.err.count("error:") == 1  # one message
+    after = snapshot(tmp_path)
+    assert after == before, f"files changed: {set(after) ^ set(before) or [k for k in after if after[k] != before.get(k)]}"
+
+
+def test_memory_warning_before_a_long_run(cli, tmp_path, tiny, monkeypatch):
+    from finetune import inspect as inspect_
+
+    monkeypatch.setattr(inspect_, "available_memory_gib", lambda device: 0.0001)
+    res = cli("sft", recipe(tmp_path, tiny))
+    assert res.code == 0, res.text
+    assert "warning:" in res.err and "GiB" in res.err and "batch_size" in res.err
+
+
+def test_full_disk_during_save(cli, tmp_path, tiny, monkeypatch):
+    """ENOSPC while writing the adapter: exit 2, nothing published, the checkpoint kept for --resume."""
+    import errno
+
+    import safetensors.torch
+
+    r = recipe(tmp_path, tiny, training={"save_every": 2})
+    real = safetensors.torch.save_file
+    disk = {"full": True}
+
+    def full(tensors, filename, *a, **k):
+        # libraries may bind save_file at import time, so the fake stays and a flag says whether the disk is full
+        if disk["full"] and ".staging" in str(filename):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tensors, filename, *a, **k)
+
+    import peft.peft_model
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", full)
+    res = cli("sft", r)
+    assert res.code == 2, res.text
+    assert "no space left on device" in res.err and "output.dir" in res.err
+    out = tmp_path / "out"
+    assert not (out / "adapter_model.safetensors").exists() and not (out / ".staging").exists()
+    assert (out / "checkpoints" / "checkpoint-2" / "finetune-complete").is_file()
+    disk["full"] = False
+    res = cli("sft", r, "--resume")
+    assert res.code == 0, res.text
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_trust_remote_code_off_and_yaml_safe(tmp_path, tiny):
+    """A recipe cannot instantiate Python objects, and remote code stays off unless the recipe says so."""
+    from finetune import recipe as recipes
+    from finetune.errors import UserError
+
+    p = text(tmp_path, "evil.yaml", "data: !!python/object/apply:os.system ['echo hacked > pwned']\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        recipes.load(p)
+    assert not (tmp_path / "pwned").exists()
+    assert recipes.load(recipe(tmp_path, tiny)).model.trust_remote_code is False
+
+
+def run_cli_subprocess(args: list, cwd: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "finetune", *map(str, args)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_kill_9_then_resume_equals_uninterrupted(tmp_path, tiny):
+    """SIGKILL mid-run (no chance to clean up), then --resume: same adapter as an uninterrupted run."""
+    import torch
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "FINETUNE_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(REPO)}
+    tree = good(tmp_path, tiny, training={"max_steps": 10, "save_every": 2, "batch_size": 2, "learning_rate": 1e-2})
+    tree["output"]["dir"] = str(tmp_path / "a")
+    write_recipe(tmp_path / "a.yaml", tree)
+    tree["output"]["dir"] = str(tmp_path / "b")
+    write_recipe(tmp_path / "b.yaml", tree)
+    straight = run_cli_subprocess(["sft", tmp_path / "a.yaml"], tmp_path, env)
+    assert straight.wait(timeout=300) == 0, straight.stdout.read()
+    victim = run_cli_subprocess(["sft", tmp_path / "b.yaml"], tmp_path, env)
+    marker = tmp_path / "b" / "checkpoints" / "checkpoint-4" / "finetune-complete"
+    deadline = time.time() + 240
+    while not marker.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert not (tmp_path / "b" / "adapter_model.safetensors").exists(), "the run finished before it could be killed"
+    resumed = run_cli_subprocess(["sft", tmp_path / "b.yaml", "--resume"], tmp_path, env)
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, out
+    a, b = load_file(str(tmp_path / "a" / "adapter_model.safetensors")), load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+# ---- docs/reliability.md ---------------------------------------------------------------------------
+
+DOC = REPO / "docs" / "reliability.md"
+BEGIN, END = "<!-- cases:begin -->", "<!-- cases:end -->"
+
+
+def cases_table() -> str:
+    rows = [BEGIN, "", "| # | case | mistake | the message says (excerpt) |", "|---|---|---|---|"]
+    for i, c in enumerate(CASES, 1):
+        rows.append(f"| {i} | `{c.id}` | {c.what} | {c.expect.replace('|', '/')} |")
+    return "\n".join(rows + ["", END])
+
+
+def test_reliability_doc_lists_every_case():
+    assert cases_table() in DOC.read_text(), "docs/reliability.md is stale: run python tests/test_reliability.py"
+
+
+if __name__ == "__main__":
+    text_ = DOC.read_text()
+    DOC.write_text(text_[: text_.index(BEGIN)] + cases_table() + text_[text_.index(END) + len(END):])
