@@ -288,7 +288,7 @@ def run(recipe: Recipe, method: str, *, overwrite: bool = False, resume: bool = 
         "examples/s": round(trainer.state.global_step * trainer.args.per_device_train_batch_size
                             * trainer.args.gradient_accumulation_steps / trainer_train_seconds(trainer, wall), 2),
         "peak memory (MiB)": round(peak_memory_mb(loaded.device)),
-        "final train loss": round(train_losses[-1], 4) if train_losses else None,
+        "final train loss": round(train_losses[-1], 4) if train_losses else (round(final["train_loss"], 4) if "train_loss" in final else None),
         "eval loss": round(final["eval_loss"], 4) if "eval_loss" in final else None,
         "eval perplexity": round(final["eval_perplexity"], 3) if "eval_perplexity" in final else None,
     }
