@@ -183,3 +183,38 @@ def test_continue_from_adapter(cli, tmp_path, tiny):
     second = lora_tensors(tmp_path / "more")
     assert first.keys() == second.keys()
     assert any(not torch.equal(first[k], second[k]) for k in first)
+
+
+def test_packing_dora_rslora_and_tensorboard(cli, tmp_path, tiny):
+    """Packed rows, DoRA with rank-stabilised scaling, and a TensorBoard log, in one short run."""
+    import glob
+
+    r = recipe(tmp_path, tiny, max_steps=4, report_to="tensorboard")
+    res = cli("sft", r, "--set", "data.packing=true", "--set", "lora.use_dora=true", "--set", "lora.use_rslora=true")
+    assert res.code == 0, res.text
+    out = tmp_path / "out"
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["use_dora"] and cfg["use_rslora"]
+    assert any("lora_magnitude_vector" in k for k in lora_tensors(out))
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["speed"]["packing"] and not manifest["speed"]["padding_free"]
+    assert glob.glob(str(out / "**" / "events.out.tfevents.*"), recursive=True)
+
+
+def test_divergence_warning(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from finetune import train
+    from finetune.recipe import Recipe
+
+    r = Recipe.model_validate({"data": {"train": "x"}, "training": {"diverge_factor": 2.0}})
+    (cb,) = train.make_callbacks(r, tmp_path, [], {})
+    st = SimpleNamespace(max_steps=10, global_step=0)
+    cb.on_train_begin(None, st, None)
+    for step, loss in enumerate([2.0, 1.0, 1.5, 2.5], 1):
+        st.global_step = step
+        cb.on_log(None, st, None, logs={"loss": loss})
+    cb.on_train_end(None, st, None)
+    err = capsys.readouterr().err
+    assert "loss 2.500 is over 2.0x its lowest (1.000)" in err
+    assert err.count("may be diverging") == 1
