@@ -218,10 +218,10 @@ def eval_side(args, toolkit: bool) -> dict:
     if toolkit:
         from finetune import evaluate
 
-        t = time.perf_counter()
-        r = evaluate.evaluate_model(BASE, Path(args.data), max_length=args.max_length, stride=None, batch_size=args.batch,
+        r = evaluate.evaluate_model(BASE, Path(args.data), max_length=args.max_length, stride=None, batch_size=None,  # its default
                                     quantization="none", show_progress=False)
-        return {"seconds": time.perf_counter() - t, "tokens": r["tokens"], "perplexity": r["perplexity"], "peak_mb": peak_mb(args.device)}
+        # scoring time only, like the baseline's timer: model loading is excluded on both sides
+        return {"seconds": r["wall_s"], "tokens": r["tokens"], "perplexity": r["perplexity"], "peak_mb": peak_mb(args.device)}
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from finetune.models import resolve_base
@@ -234,26 +234,24 @@ def eval_side(args, toolkit: bool) -> dict:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype("auto", args.device)).to(args.device).eval()
     ids = tok(Path(args.data).read_text(), return_tensors="pt").input_ids
     t = time.perf_counter()
-    nll, count, prev_end = 0.0, 0, 0
-    # the sliding-window loop from the transformers perplexity guide, windows overlapping by one token so
-    # that every token after the first is scored exactly once (as finetune eval does)
+    nll, count = 0.0, 0
+    # the sliding-window loop of the transformers perplexity guide, one window per forward and the model's
+    # own loss; each window scores the next w-1 tokens with the rest as context, so every token after the
+    # first is scored exactly once with as much context as the window allows (what finetune eval computes)
     w = args.max_length
-    begin = 0
-    while prev_end < ids.size(1) - 1 or prev_end == 0:
-        end = min(begin + w, ids.size(1))
-        trg = end - max(prev_end, 1)
+    scored = 1
+    while scored < ids.size(1):
+        end = min(scored + w - 1, ids.size(1))
+        begin = max(0, end - w)
         x = ids[:, begin:end].to(args.device)
         y = x.clone()
-        y[:, :-trg] = -100
+        y[:, : scored - begin] = -100
         with torch.no_grad():
             loss = model(x, labels=y).loss
         n = int((y[:, 1:] != -100).sum())
         nll += loss.item() * n
         count += n
-        prev_end = end
-        if end == ids.size(1):
-            break
-        begin = end - 1
+        scored = end
     return {"seconds": time.perf_counter() - t, "tokens": count, "perplexity": math.exp(nll / count), "peak_mb": peak_mb(args.device)}
 
 
@@ -451,7 +449,7 @@ def bench_dpo(ctx) -> dict:
 def bench_eval(ctx) -> dict:
     e = {}
     for side in ("baseline", "toolkit"):
-        res = measure(f"eval-{side}", ctx["raw"], data=ctx["work"] / "bench_eval.txt", device=ctx["device"], batch=8, max_length=512)
+        res = measure(f"eval-{side}", ctx["raw"], data=ctx["work"] / "bench_eval.txt", device=ctx["device"], max_length=512)
         res["tokens_per_s"] = res["tokens"] / res["seconds"]
         e[side] = res
     out = {**e, "ratio_tokens_per_s": e["toolkit"]["tokens_per_s"] / e["baseline"]["tokens_per_s"],

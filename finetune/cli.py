@@ -103,7 +103,7 @@ def eval_(
     data: Annotated[Path, typer.Option(help="Held-out data: .txt / text column, or chat / instruction data.")],
     max_length: Annotated[int, typer.Option(help="Window length in tokens.")] = 1024,
     stride: Annotated[Optional[int], typer.Option(help="Step between windows (default: the window).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Windows per forward pass.")] = 4,
+    batch_size: Annotated[Optional[int], typer.Option(help="Windows per forward pass (default: 1 on CPU, where batching measured slower; 8 on GPUs).")] = None,
     quantization: Annotated[Optional[str], typer.Option(help="Override how bases load: 4bit, 8bit or none.")] = None,
     dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32 (fp32 gives batch-size-independent numbers).")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,

@@ -121,11 +121,13 @@ def items_for(path: Path, tokenizer, max_length: int, stride: int) -> tuple[str,
     return prepared.format, [(e.input_ids, e.labels) for e in prepared.train]
 
 
-def evaluate_model(spec: str, path: Path, *, max_length: int, stride: int | None, batch_size: int,
+def evaluate_model(spec: str, path: Path, *, max_length: int, stride: int | None, batch_size: int | None,
                    quantization: str | None, dtype: str = "auto", show_progress: bool = True) -> dict:
     loaded, adapter = models.load_any(spec, quantization=quantization, dtype=dtype, log=err.print)
     data.ensure_chat_template(loaded.tokenizer)
     kind, items = items_for(path, loaded.tokenizer, max_length, stride or max_length)
+    if batch_size is None:
+        batch_size = 1 if loaded.device == "cpu" else 8
     start = time.perf_counter()
     total, count = score(loaded.model, loaded.tokenizer.pad_token_id or 0, items, batch_size, show_progress)
     wall = time.perf_counter() - start
@@ -135,13 +137,13 @@ def evaluate_model(spec: str, path: Path, *, max_length: int, stride: int | None
             "tokens_per_s": round(count / wall, 1) if wall > 0 else None}
 
 
-def run(specs: list[str], data_path: Path, *, max_length: int, stride: int | None, batch_size: int,
+def run(specs: list[str], data_path: Path, *, max_length: int, stride: int | None, batch_size: int | None,
         quantization: str | None, as_json: bool, dtype: str = "auto") -> None:
     if max_length < 2:
         raise UserError("--max-length must be at least 2")
     if stride is not None and stride < 1:
         raise UserError("--stride must be at least 1")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     if not data_path.is_file():
         raise UserError(f"{data_path}: data file not found — pass --data with a .txt, .jsonl, .json, .csv or .parquet file")
