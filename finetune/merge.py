@@ -86,13 +86,36 @@ def nf4_round_trip(weight, dtype):
     return F.dequantize_4bit(q, state).to(weight.dtype)
 
 
+def read_tensors(path: Path):
+    """Yield (name, tensor) from a safetensors file one tensor at a time with plain reads.
+
+    safetensors' own reader memory-maps the file, and every page it touches counts as resident until the
+    file is closed, so a whole input shard would stay in memory; reading each tensor's bytes on its own
+    keeps just that tensor."""
+    import torch
+
+    dtypes = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64,
+              "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+    with path.open("rb") as fh:
+        size = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(size))
+        header.pop("__metadata__", None)
+        for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            start, end = info["data_offsets"]
+            if info["dtype"] not in dtypes:
+                raise UserError(f"{path}: tensor {name} has dtype {info['dtype']}, which merge does not handle")
+            fh.seek(8 + size + start)
+            data = bytearray(fh.read(end - start))
+            t = torch.frombuffer(data, dtype=dtypes[info["dtype"]]) if data else torch.empty(0, dtype=dtypes[info["dtype"]])
+            yield name, t.reshape(info["shape"])
+
+
 def merge_shards(base: Path, adapter: Path, out: Path, dtype: str, round_trip_dtype) -> dict:
     """Write the merged weights into `out`, one input shard at a time; returns counts.
 
     Output is flushed in parts of at most a quarter of an input shard (64 MB at least), so memory holds
     one input shard's pages plus one small output part, not a whole model."""
     import torch
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     pairs, cfg, scale = lora_deltas(adapter)
@@ -114,25 +137,23 @@ def merge_shards(base: Path, adapter: Path, out: Path, dtype: str, round_trip_dt
             buffer, size = {}, 0
 
     for shard in shards:
-        with safe_open(str(shard), "pt") as fh:
-            for name in fh.keys():
-                t = fh.get_tensor(name)
-                if name in remaining:
-                    a, b = remaining.pop(name)
-                    if t.shape != (b.shape[0], a.shape[1]):
-                        raise UserError(f"adapter {adapter} does not fit base {base}: {name} is {tuple(t.shape)} in the base "
-                                        f"but the adapter expects {(b.shape[0], a.shape[1])} — pass the base it was trained on with --base")
-                    w = t.float()
-                    if round_trip_dtype is not None:
-                        w = nf4_round_trip(w, round_trip_dtype)
-                    t = w + scale * (b.float() @ a.float())
-                    merged += 1
-                t = t.to(target) if t.is_floating_point() else t
-                buffer[name] = t
-                size += t.numel() * t.element_size()
-                total += t.numel() * t.element_size()
-                if size >= part_limit:
-                    flush()
+        for name, t in read_tensors(shard):
+            if name in remaining:
+                a, b = remaining.pop(name)
+                if t.shape != (b.shape[0], a.shape[1]):
+                    raise UserError(f"adapter {adapter} does not fit base {base}: {name} is {tuple(t.shape)} in the base "
+                                    f"but the adapter expects {(b.shape[0], a.shape[1])} — pass the base it was trained on with --base")
+                w = t.float()
+                if round_trip_dtype is not None:
+                    w = nf4_round_trip(w, round_trip_dtype)
+                t = w + scale * (b.float() @ a.float())
+                merged += 1
+            t = t.to(target) if t.is_floating_point() else t
+            buffer[name] = t
+            size += t.numel() * t.element_size()
+            total += t.numel() * t.element_size()
+            if size >= part_limit:
+                flush()
     flush()
     if remaining:
         missing = ", ".join(list(remaining)[:3])
