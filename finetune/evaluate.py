@@ -20,9 +20,9 @@ from rich.table import Table
 from finetune import data, models
 from finetune.errors import UserError
 from finetune.recipe import DataSection
+from finetune.speed import trained_positions_loss
 
 err = Console(stderr=True, highlight=False)
-CHUNK = 1024  # positions projected through the output head at once: bounds the fp32 logits in memory
 
 
 def windows(ids: list[int], max_length: int, stride: int) -> list[tuple[list[int], list[int]]]:
@@ -42,27 +42,10 @@ def windows(ids: list[int], max_length: int, stride: int) -> list[tuple[list[int
 
 
 def nll_sum(model, input_ids, attention_mask, labels) -> tuple[float, int]:
-    """Sum of negative log-likelihoods over positions whose label is not -100, and their count.
-    Only those positions go through the output head, in chunks, so full-vocabulary fp32 logits for a
-    whole batch never exist at once."""
-    import torch
-    import torch.nn.functional as F
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    cfg = base.config.get_text_config()
-    shift = labels[:, 1:]
-    mask = shift != -100
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
-        return float(F.cross_entropy(logits[mask].float(), shift[mask], reduction="sum")), int(mask.sum())
-    backbone = getattr(base, base.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[:, :-1]
-    h, t = hidden[mask], shift[mask]
-    head = base.get_output_embeddings()
-    total = torch.zeros((), dtype=torch.float64)
-    for i in range(0, len(t), CHUNK):
-        total += F.cross_entropy(head(h[i:i + CHUNK]).float(), t[i:i + CHUNK], reduction="sum").double().cpu()
-    return float(total), int(mask.sum())
+    """Sum of negative log-likelihoods over positions whose label is not -100, and their count; the
+    same computation as training's loss, so full-vocabulary fp32 logits for a batch never exist at once."""
+    total, count = trained_positions_loss(model, {"input_ids": input_ids, "attention_mask": attention_mask}, labels)
+    return float(total), int(count)
 
 
 def score(model, pad_id: int, items: list[tuple[list[int], list[int]]], batch_size: int, show_progress: bool = False) -> tuple[float, int]:

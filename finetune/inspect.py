@@ -11,7 +11,6 @@ import json
 import math
 import os
 import statistics
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table

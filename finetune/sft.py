@@ -46,7 +46,7 @@ def make_trainer_class():
     import torch
     from trl import SFTTrainer
 
-    from finetune.speed import linear_cross_entropy
+    from finetune.speed import trained_positions_loss
     from finetune.train import check_finite
 
     class Trainer(SFTTrainer):
@@ -61,28 +61,14 @@ def make_trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs.pop("labels")
-            base = model.get_base_model() if hasattr(model, "get_base_model") else model
-            cfg = base.config.get_text_config()
-            shift = labels[:, 1:]
-            mask = shift != -100
-            head = base.get_output_embeddings()
-            if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) or head.bias is not None:
-                # heads with extra scaling: let the model compute its own loss
-                loss_sum = model(**inputs, labels=labels, use_cache=False).loss * mask.sum()
-            else:
-                backbone = getattr(base, base.base_model_prefix)
-                # calling the backbone directly bypasses the autocast that accelerate wraps around the
-                # model's forward, so enter it here
-                with self.accelerator.autocast():
-                    hidden = backbone(**inputs, use_cache=False).last_hidden_state[:, :-1]
-                loss_sum = linear_cross_entropy(hidden[mask], head.weight, shift[mask])
-            n = num_items_in_batch if num_items_in_batch is not None else mask.sum()
+            loss_sum, n_trained = trained_positions_loss(model, inputs, labels, self.accelerator.autocast())
+            n = num_items_in_batch if num_items_in_batch is not None else n_trained
             loss = loss_sum / torch.as_tensor(n, device=loss_sum.device).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 loss = loss * self.accelerator.num_processes
             if model.training:
                 check_finite(loss)
-                self.trained_tokens += int(mask.sum())
+                self.trained_tokens += int(n_trained)
                 am = inputs.get("attention_mask")
                 self.real_tokens += int(am.sum()) if am is not None else int(inputs["input_ids"].numel())
             return (loss, None) if return_outputs else loss

@@ -136,15 +136,50 @@ _LCE = None
 
 
 def linear_cross_entropy(hidden, weight, targets):
-    """Summed cross-entropy of a frozen linear head; falls back to autograd when the head is trained."""
+    """Summed cross-entropy of `hidden @ weight.T` against `targets`, in chunks of CHUNK rows.
+
+    Three cases: a trained head goes through plain autograd; a frozen head with a gradient wanted uses
+    LinearCrossEntropy; with no gradient wanted (evaluation) only the loss is computed, accumulated in
+    float64 so long texts sum exactly."""
     global _LCE
+    import torch
     import torch.nn.functional as F
 
     if weight.requires_grad:
         return F.cross_entropy((hidden @ weight.T).float(), targets, reduction="sum")
-    if _LCE is None:
-        _LCE = _linear_cross_entropy()
-    return _LCE.apply(hidden, weight, targets)
+    if torch.is_grad_enabled() and hidden.requires_grad:
+        if _LCE is None:
+            _LCE = _linear_cross_entropy()
+        return _LCE.apply(hidden, weight, targets)
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    h_all = hidden.to(weight.dtype)
+    for i in range(0, hidden.shape[0], CHUNK):
+        logits = (h_all[i:i + CHUNK] @ weight.T).float()
+        total += F.cross_entropy(logits, targets[i:i + CHUNK], reduction="sum").double()
+    return total
+
+
+def trained_positions_loss(model, inputs: dict, labels, autocast=None):
+    """Summed cross-entropy over the positions whose next-token label is not -100, and their count.
+
+    Only those positions go through the output head (linear_cross_entropy). Heads with extra scaling,
+    soft-capping or a bias are scored from the model's own logits instead. `autocast` is entered around
+    the backbone: calling it directly bypasses the autocast accelerate wraps around the model's forward."""
+    import contextlib
+
+    import torch.nn.functional as F
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = base.config.get_text_config()
+    head = base.get_output_embeddings()
+    shift = labels[:, 1:]
+    mask = shift != -100
+    with autocast or contextlib.nullcontext():
+        if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) or head.bias is not None:
+            logits = model(**inputs, use_cache=False).logits[:, :-1]
+            return F.cross_entropy(logits[mask].float(), shift[mask], reduction="sum"), mask.sum()
+        hidden = getattr(base, base.base_model_prefix)(**inputs, use_cache=False).last_hidden_state[:, :-1]
+    return linear_cross_entropy(hidden[mask], head.weight, shift[mask]), mask.sum()
 
 
 # ---- LoRA input casting ----------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import yaml
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -198,11 +197,8 @@ def model_card(recipe: Recipe, method: str, base: models.Base, summary: dict) ->
 
 def run(recipe: Recipe, method: str, *, overwrite: bool = False, resume: bool = False) -> Path:
     import torch
-    import transformers
 
-    if not (console.is_terminal or __import__("os").environ.get("FINETUNE_DEBUG")):
-        transformers.logging.set_verbosity_error()
-    out = recipe.output_dir()
+    out = recipe.output_dir()  # library chatter is already quieted by the CLI (cli.quiet_libraries)
     artifacts.prepare_output(out, overwrite=overwrite, resume=resume)
     checkpoint = None
     if resume:
@@ -280,13 +276,14 @@ def run(recipe: Recipe, method: str, *, overwrite: bool = False, resume: bool = 
         metrics.append({"step": trainer.state.global_step, **ev})
     train_losses = [r["loss"] for r in metrics if "loss" in r]
     wall = time.time() - started
+    train_s = trainer_train_seconds(trainer, wall)
     summary = {
         "steps": trainer.state.global_step,
         "trained tokens": getattr(trainer, "trained_tokens", None),
         "wall time (s)": round(wall, 1),
-        "tokens/s": round(tokens_seen(trainer) / trainer_train_seconds(trainer, wall), 1),
+        "tokens/s": round(tokens_seen(trainer) / train_s, 1),
         "examples/s": round(trainer.state.global_step * trainer.args.per_device_train_batch_size
-                            * trainer.args.gradient_accumulation_steps / trainer_train_seconds(trainer, wall), 2),
+                            * trainer.args.gradient_accumulation_steps / train_s, 2),
         "peak memory (MiB)": round(peak_memory_mb(loaded.device)),
         "final train loss": round(train_losses[-1], 4) if train_losses else (round(final["train_loss"], 4) if "train_loss" in final else None),
         "eval loss": round(final["eval_loss"], 4) if "eval_loss" in final else None,
@@ -355,7 +352,7 @@ def warn_memory(recipe: Recipe, loaded: models.Loaded) -> None:
     """A run that will not fit should say so now, not an hour in."""
     from finetune.inspect import available_memory_gib, memory_estimate
 
-    est = memory_estimate(recipe, loaded.model.config, 2 if loaded.dtype != __import__("torch").float32 else 4)
+    est = memory_estimate(recipe, loaded.model.config, loaded.dtype.itemsize)
     have = available_memory_gib(loaded.device)
     if have and est["total"] > 0.9 * have:
         console.print(f"[yellow]warning:[/] this recipe needs about {est['total']:.1f} GiB but the {loaded.device} has {have:.1f} GiB — "

@@ -3,7 +3,6 @@
 import io
 import json
 
-import pytest
 import torch
 
 from finetune import chat

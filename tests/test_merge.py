@@ -3,7 +3,6 @@
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 from conftest import build_model, toy_rows, write_jsonl, write_recipe
