@@ -263,7 +263,8 @@ def merge_side(args, toolkit: bool) -> dict:
         from finetune import merge
 
         out = Path(args.work) / "merged-toolkit"
-        merge.merge_shards(Path(args.base), Path(args.adapter), out.parent / out.name if out.mkdir(parents=True) is None else out, "bf16", None)
+        out.mkdir(parents=True)
+        merge.merge_shards(Path(args.base), Path(args.adapter), out, "bf16", None)
     else:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM

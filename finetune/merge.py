@@ -237,7 +237,7 @@ def run(adapter: Path, out: Path, *, base: str | None, dtype: str, original_weig
         raise UserError(f"{out}: already exists — pass --overwrite to replace it, or choose another --out")
     if out.resolve() == adapter.resolve():
         raise UserError("--out must differ from the adapter folder")
-    artifacts.check_writable(out.parent if out.parent != Path("") else Path("."), "--out")
+    artifacts.check_writable(out.parent, "--out")
     base_spec = base or info["base"]
     if not base_spec:
         raise UserError(f"{adapter}: the adapter names no base — pass --base")
