@@ -55,18 +55,63 @@ def _recipe(path: Path, overrides: list[str] | None, method: str | None = None):
     return r
 
 
+ProcessesOpt = Annotated[
+    Optional[int],
+    typer.Option("--num-processes", help="Data-parallel processes (one per GPU; gloo processes on CPU), started through Accelerate."),
+]
+AccelerateOpt = Annotated[
+    Optional[Path],
+    typer.Option("--accelerate-config", help="Accelerate config for the launch: FSDP / DeepSpeed ZeRO (see recipes/accelerate/)."),
+]
+
+
+def _train(method: str, path: Path, set_, overwrite: bool, resume: bool, processes: int | None, accelerate_config: Path | None) -> None:
+    if processes is not None and processes < 1:
+        raise UserError(f"--num-processes must be at least 1 (got {processes})")
+    r = _recipe(path, set_, method)
+    from finetune import launch, models, train
+
+    inside = launch.from_environment()
+    if inside is not None:  # a worker started by `accelerate launch` (ours or the user's)
+        if not launch.is_main():
+            train.console.quiet = True  # process 0 speaks for everyone
+        if processes or accelerate_config:
+            raise UserError("--num-processes / --accelerate-config start a launch; under `accelerate launch` leave them out "
+                            "and pass --num_processes / --config_file to accelerate instead")
+        launch.check(r, inside, models.pick_device(r.model.device))
+        train.run(r, method, overwrite=overwrite, resume=resume)
+        return
+    if (processes or 1) == 1 and accelerate_config is None:
+        train.run(r, method, overwrite=overwrite, resume=resume)
+        return
+    plan = launch.from_config(accelerate_config, processes)
+    device = models.pick_device(r.model.device)
+    launch.check(r, plan, device)
+    # what would fail in every worker is checked once, here: output folder, resume point, the base itself
+    from finetune import artifacts
+
+    out = r.output_dir()
+    artifacts.prepare_output(out, overwrite=overwrite, resume=resume)
+    if resume and train.latest_checkpoint(out) is None:
+        raise UserError(f"{out}: no complete checkpoint to resume from — run without --resume (training.save_every makes checkpoints)")
+    models.resolve_base(r.model.base, train.console.print)  # converts a built-in/.gguf base once, not once per process
+    train.console.print(f"[bold]launching {plan.processes} processes[/] ({plan.kind}{', ' + plan.config_file if plan.config_file else ''})")
+    code = launch.relaunch(plan, device, launch.worker_command(method, path, set_, overwrite, resume))
+    if code:
+        raise SystemExit(code)
+
+
 @app.command()
 def sft(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML.")],
     set_: SetOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue from the latest complete checkpoint of the output folder.")] = False,
+    num_processes: ProcessesOpt = None,
+    accelerate_config: AccelerateOpt = None,
 ) -> None:
     """Supervised fine-tuning with LoRA (4-bit QLoRA by default) through TRL's SFTTrainer."""
-    r = _recipe(recipe, set_, "sft")
-    from finetune import train
-
-    train.run(r, "sft", overwrite=overwrite, resume=resume)
+    _train("sft", recipe, set_, overwrite, resume, num_processes, accelerate_config)
 
 
 @app.command()
@@ -75,12 +120,11 @@ def dpo(
     set_: SetOpt = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue from the latest complete checkpoint of the output folder.")] = False,
+    num_processes: ProcessesOpt = None,
+    accelerate_config: AccelerateOpt = None,
 ) -> None:
     """Preference tuning (DPO) through TRL's DPOTrainer, from the base or an SFT adapter."""
-    r = _recipe(recipe, set_, "dpo")
-    from finetune import train
-
-    train.run(r, "dpo", overwrite=overwrite, resume=resume)
+    _train("dpo", recipe, set_, overwrite, resume, num_processes, accelerate_config)
 
 
 @app.command()
@@ -210,6 +254,9 @@ def quiet_libraries() -> None:
 def main() -> None:
     if not debug_enabled() and "--debug" not in sys.argv:
         quiet_libraries()
+    # in a multi-process run every process meets the same mistake; process 0 reports it for all
+    rank = int(os.environ.get("RANK", "0"))
+    console.quiet = rank != 0
     try:
         rv = app(standalone_mode=False)
         if isinstance(rv, int) and rv:  # click turns Ctrl-C into a return code here
@@ -239,6 +286,8 @@ def main() -> None:
             traceback.print_exc()
             sys.exit(1)
         where = _crash_log(exc)
+        console.quiet = False  # a crash may be one process's alone: every process reports its own
+        console.print(f"[process {rank}] " if rank else "", end="")
         console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\nfull traceback: {where} (rerun with --debug to print it)", soft_wrap=True)
         sys.exit(1)
 

@@ -256,7 +256,10 @@ def load(section: ModelSection, *, quantization: str | None = None, for_training
     qc = quantization_config(quantization, dtype)
     if qc is not None:
         kwargs["quantization_config"] = qc
-        kwargs["device_map"] = {"": 0} if device == "cuda" else {"": device}
+        import torch
+
+        # the current GPU is this process's own one in a multi-process run (launch.start_worker selects it)
+        kwargs["device_map"] = {"": torch.cuda.current_device()} if device == "cuda" else {"": device}
     try:
         model = AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
         tokenizer = load_tokenizer(base.path, section.trust_remote_code)

@@ -39,6 +39,8 @@ def training_args(recipe: Recipe, speed, out: Path, has_eval: bool) -> dict:
         disable_tqdm=True,
         prediction_loss_only=True,
         dataloader_num_workers=0,
+        # every LoRA weight gets a gradient each step; DDP's search for unused ones only costs time
+        ddp_find_unused_parameters=False,
     )
 
 
@@ -61,7 +63,8 @@ def make_trainer_class():
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             labels = inputs.pop("labels")
-            loss_sum, n_trained = trained_positions_loss(model, inputs, labels, self.accelerator.autocast())
+            sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+            loss_sum, n_trained = trained_positions_loss(model, inputs, labels, self.accelerator.autocast(), sharded)
             n = num_items_in_batch if num_items_in_batch is not None else n_trained
             loss = loss_sum / torch.as_tensor(n, device=loss_sum.device).clamp(min=1)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:

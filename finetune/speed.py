@@ -159,26 +159,32 @@ def linear_cross_entropy(hidden, weight, targets):
     return total
 
 
-def trained_positions_loss(model, inputs: dict, labels, autocast=None):
+def trained_positions_loss(model, inputs: dict, labels, autocast=None, sharded: bool = False):
     """Summed cross-entropy over the positions whose next-token label is not -100, and their count.
 
-    Only those positions go through the output head (linear_cross_entropy). Heads with extra scaling,
-    soft-capping or a bias are scored from the model's own logits instead. `autocast` is entered around
-    the backbone: calling it directly bypasses the autocast accelerate wraps around the model's forward."""
+    Only those positions go through the output head (linear_cross_entropy): the model runs with its head
+    cut to the last position (`logits_to_keep=1`) and hands back its final hidden states. It runs through
+    whatever wraps it (DDP, accelerate's autocast), which is what makes gradients sync across processes.
+    Heads with extra scaling, soft-capping or a bias, and heads sharded across processes (FSDP, ZeRO-3),
+    are scored from the model's own logits instead."""
     import contextlib
+    import inspect
 
     import torch.nn.functional as F
+    from accelerate.utils import extract_model_from_parallel
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = extract_model_from_parallel(model)
+    base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     cfg = base.config.get_text_config()
     head = base.get_output_embeddings()
     shift = labels[:, 1:]
     mask = shift != -100
+    plain = sharded or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) or head.bias is not None
     with autocast or contextlib.nullcontext():
-        if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) or head.bias is not None:
+        if plain or "logits_to_keep" not in inspect.signature(base.forward).parameters:
             logits = model(**inputs, use_cache=False).logits[:, :-1]
             return F.cross_entropy(logits[mask].float(), shift[mask], reduction="sum"), mask.sum()
-        hidden = getattr(base, base.base_model_prefix)(**inputs, use_cache=False).last_hidden_state[:, :-1]
+        hidden = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1][:, :-1]
     return linear_cross_entropy(hidden[mask], head.weight, shift[mask]), mask.sum()
 
 

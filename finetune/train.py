@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from finetune import artifacts, data, models
+from finetune import artifacts, data, launch, models
 from finetune import speed as speed_mod
 from finetune.errors import RunStopped, UserError
 from finetune.recipe import Recipe
@@ -70,16 +70,22 @@ def make_callbacks(recipe: Recipe, out: Path, metrics: list[dict], state: dict):
         """Rich progress, metrics.jsonl, checkpoint completion markers, Ctrl-C and divergence warnings."""
 
         def on_train_begin(self, args, st, control, **kw):
+            self.t0, self.step0 = time.time(), st.global_step
+            self.best = math.inf
+            self.progress = None
+            if not launch.is_main():
+                return
             self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                                      TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console, transient=False)
             self.task = self.progress.add_task(recipe.name, total=st.max_steps, completed=st.global_step, info="")
             self.progress.start()
-            self.t0, self.step0 = time.time(), st.global_step
-            self.best = math.inf
 
         def on_step_end(self, args, st, control, **kw):
-            self.progress.update(self.task, completed=st.global_step)
-            if state.get("interrupted"):
+            if self.progress:
+                self.progress.update(self.task, completed=st.global_step)
+            # every process must stop after the same step, whichever of them saw the Ctrl-C
+            if launch.anyone(bool(state.get("interrupted"))):
+                state["interrupted"] = True
                 control.should_save = True
                 control.should_training_stop = True
 
@@ -89,26 +95,32 @@ def make_callbacks(recipe: Recipe, out: Path, metrics: list[dict], state: dict):
             trainer = state.get("trainer")
             elapsed = time.time() - self.t0
             if trainer is not None and getattr(trainer, "real_tokens", 0) and elapsed > 0:
-                row["tokens_per_s"] = round(trainer.real_tokens / elapsed, 1)
-                row["trained_tokens"] = trainer.trained_tokens
+                # on_log runs on every process at the same step, so these sums over processes are safe here
+                row["tokens_per_s"] = round(launch.total(trainer.real_tokens) / elapsed, 1)
+                row["trained_tokens"] = int(launch.total(trainer.trained_tokens))
             if "loss" in row:
                 self.best = min(self.best, row["loss"])
                 if row["loss"] > recipe.training.diverge_factor * self.best:
                     console.print(f"[yellow]warning:[/] loss {row['loss']:.3f} is over {recipe.training.diverge_factor}x its lowest "
                                   f"({self.best:.3f}): training may be diverging — consider a lower training.learning_rate")
             metrics.append(row)
+            if not launch.is_main():
+                return
             with (out / "metrics.jsonl").open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
             info = "  ".join(f"{k} {row[k]:.4g}" for k in ("loss", "eval_loss", "learning_rate", "tokens_per_s") if k in row)
             self.progress.update(self.task, info=info)
 
         def on_save(self, args, st, control, **kw):
+            # the marker says every process has written its part (each writes its own RNG state; FSDP shards)
+            launch.barrier()
             folder = Path(args.output_dir) / f"checkpoint-{st.global_step}"
-            if folder.is_dir():
+            if launch.is_main() and folder.is_dir():
                 (folder / artifacts.COMPLETE).write_text(str(st.global_step))
 
         def on_train_end(self, args, st, control, **kw):
-            self.progress.stop()
+            if self.progress:
+                self.progress.stop()
 
     return [Finetune()]
 
@@ -128,7 +140,8 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 def run_identity(recipe: Recipe, prepared: data.Prepared) -> dict:
     tree = recipe.model_dump(mode="json")
-    return {"recipe": tree, "data": [{"path": f["path"], "sha256": f["sha256"]} for f in prepared.files]}
+    return {"recipe": tree, "data": [{"path": f["path"], "sha256": f["sha256"]} for f in prepared.files],
+            "processes": launch.world_size()}
 
 
 def diff_identity(old: dict, new: dict) -> list[str]:
@@ -141,6 +154,9 @@ def diff_identity(old: dict, new: dict) -> list[str]:
             changes.append(f"{section}: {before!r} -> {fields!r}")
     if old["data"] != new["data"]:
         changes.append("data files changed (contents or list)")
+    if old.get("processes", 1) != new["processes"]:
+        changes.append(f"processes: {old.get('processes', 1)} -> {new['processes']} (the global batch is batch_size x "
+                       "gradient_accumulation x processes, so the run would change)")
     return changes
 
 
@@ -199,6 +215,8 @@ def run(recipe: Recipe, method: str, *, overwrite: bool = False, resume: bool = 
     import torch
 
     out = recipe.output_dir()  # library chatter is already quieted by the CLI (cli.quiet_libraries)
+    launch.start_worker(models.pick_device(recipe.model.device))
+    main = launch.is_main()
     artifacts.prepare_output(out, overwrite=overwrite, resume=resume)
     checkpoint = None
     if resume:
@@ -223,16 +241,19 @@ def run(recipe: Recipe, method: str, *, overwrite: bool = False, resume: bool = 
     model = attach_lora(recipe, loaded, speed)
     speed_mod.apply(loaded.model, model, speed)
 
-    if not resume and out.exists():
-        shutil.rmtree(out)  # only reached with --overwrite (checked above), after every input was validated
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    artifacts.write_json(out / "checkpoints" / "run.json", identity)
-    artifacts.write_atomic(out / "recipe.yaml", recipe.to_yaml())
+    launch.barrier()  # every process has validated the output folder before process 0 changes it
     metrics: list[dict] = []
     if resume and (out / "metrics.jsonl").is_file():
         step = int(checkpoint.name.split("-")[-1])
         metrics = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r.get("step", 0) <= step]
-    artifacts.write_metrics(out / "metrics.jsonl", metrics)
+    if main:
+        if not resume and out.exists():
+            shutil.rmtree(out)  # only reached with --overwrite (checked above), after every input was validated
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        artifacts.write_json(out / "checkpoints" / "run.json", identity)
+        artifacts.write_atomic(out / "recipe.yaml", recipe.to_yaml())
+        artifacts.write_metrics(out / "metrics.jsonl", metrics)
+    launch.barrier()
 
     state: dict = {}
     callbacks = make_callbacks(recipe, out, metrics, state)
@@ -248,9 +269,12 @@ def run(recipe: Recipe, method: str, *, overwrite: bool = False, resume: bool = 
     trainer.remove_callback(ProgressCallback)
 
     def on_sigint(signum, frame):
-        if state.get("interrupted"):
+        # a launcher passes the terminal's Ctrl-C on to its workers, which got it already: one press, not two
+        if state.get("interrupted") and time.time() - state["interrupted_at"] > 1.0:
             raise KeyboardInterrupt
-        state["interrupted"] = True
+        if state.get("interrupted"):
+            return
+        state["interrupted"], state["interrupted_at"] = True, time.time()
         console.print("\n[yellow]Ctrl-C: saving a checkpoint after this step (press again to abort without saving)[/]")
 
     previous = signal.signal(signal.SIGINT, on_sigint)
@@ -263,9 +287,11 @@ def run(recipe: Recipe, method: str, *, overwrite: bool = False, resume: bool = 
     finally:
         signal.signal(signal.SIGINT, previous)
     if state.get("interrupted"):
+        launch.barrier()  # the completion marker is on disk before anyone reports it
         last = latest_checkpoint(out)
         console.print(f"[yellow]stopped at step {trainer.state.global_step}; checkpoint saved to {last}[/]\n"
-                      f"continue with: finetune {method} <recipe> --resume")
+                      f"continue with: finetune {method} <recipe> --resume"
+                      + (f" --num-processes {launch.world_size()}" if launch.world_size() > 1 else ""))
         raise SystemExit(130)
 
     speed_mod.lora_input_casting(model, True)  # evaluation and saving run outside autocast
@@ -277,14 +303,16 @@ def run(recipe: Recipe, method: str, *, overwrite: bool = False, resume: bool = 
     train_losses = [r["loss"] for r in metrics if "loss" in r]
     wall = time.time() - started
     train_s = trainer_train_seconds(trainer, wall)
+    processes = launch.world_size()
     summary = {
         "steps": trainer.state.global_step,
-        "trained tokens": getattr(trainer, "trained_tokens", None),
+        "processes": processes,
+        "trained tokens": int(launch.total(trainer.trained_tokens)) if hasattr(trainer, "trained_tokens") else None,
         "wall time (s)": round(wall, 1),
         "tokens/s": round(tokens_seen(trainer) / train_s, 1),
         "examples/s": round(trainer.state.global_step * trainer.args.per_device_train_batch_size
-                            * trainer.args.gradient_accumulation_steps / train_s, 2),
-        "peak memory (MiB)": round(peak_memory_mb(loaded.device)),
+                            * trainer.args.gradient_accumulation_steps * processes / train_s, 2),
+        "peak memory (MiB)": round(launch.largest(peak_memory_mb(loaded.device))),  # of the busiest process
         "final train loss": round(train_losses[-1], 4) if train_losses else (round(final["train_loss"], 4) if "train_loss" in final else None),
         "eval loss": round(final["eval_loss"], 4) if "eval_loss" in final else None,
         "eval perplexity": round(final["eval_perplexity"], 3) if "eval_perplexity" in final else None,
@@ -300,6 +328,8 @@ def run(recipe: Recipe, method: str, *, overwrite: bool = False, resume: bool = 
         "data": {"format": prepared.format, "files": prepared.files, "train_examples": len(prepared.train),
                  "validation_examples": len(prepared.validation), "truncated": prepared.truncated, "dropped": prepared.dropped},
         "seed": recipe.training.seed,
+        "processes": processes,
+        "distributed": asdict(launch.from_environment()) if processes > 1 else None,
         "machine": artifacts.machine(),
         "speed": asdict(speed),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
@@ -307,12 +337,17 @@ def run(recipe: Recipe, method: str, *, overwrite: bool = False, resume: bool = 
         "summary": summary,
         "final_metrics": final,
     }
+    # FSDP and ZeRO-3 hold the adapter in shards: gather it (all processes take part), then process 0 writes
+    sharded = getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)
+    state_dict = trainer.accelerator.get_state_dict(trainer.model) if sharded else None
+    if not main:
+        return out
     staging = out / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
     try:
         with artifacts.disk_errors_are_user_errors(out, "output.dir"):
             staging.mkdir()
-            trainer.model.save_pretrained(staging, selected_adapters=["default"])
+            trainer.accelerator.unwrap_model(trainer.model).save_pretrained(staging, state_dict=state_dict, selected_adapters=["default"])
             point_adapter_at_base(staging, loaded.base)
             loaded.tokenizer.save_pretrained(staging)
             save_generation_config(loaded.model, loaded.tokenizer, staging)
@@ -360,9 +395,10 @@ def warn_memory(recipe: Recipe, loaded: models.Loaded) -> None:
 
 
 def tokens_seen(trainer) -> int:
-    """Real (non-padding) tokens processed: counted by our SFT trainer, by TRL's `num_tokens` for DPO."""
-    if getattr(trainer, "real_tokens", 0):
-        return trainer.real_tokens
+    """Real (non-padding) tokens processed by all processes: counted by our SFT trainer, by TRL's
+    `num_tokens` (already summed over processes) for DPO."""
+    if hasattr(trainer, "real_tokens"):
+        return int(launch.total(trainer.real_tokens))
     counts = [r["num_tokens"] for r in trainer.state.log_history if "num_tokens" in r]
     return int(counts[-1]) if counts else 0
 
@@ -385,5 +421,6 @@ def show_summary(summary: dict, out: Path) -> None:
 def check_finite(loss) -> None:
     import torch
 
-    if not torch.isfinite(loss.detach()).all():
+    # all processes agree, so none is left waiting for the others in the next gradient exchange
+    if launch.anyone(not bool(torch.isfinite(loss.detach()).all())):
         raise RunStopped(f"the loss became {loss.item()} (not finite), so training stopped before applying this step")

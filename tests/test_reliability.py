@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import REPO, toy_rows, write_jsonl, write_recipe  # noqa: E402
 
 PREF = {"prompt": "who", "chosen": "pico", "rejected": "no"}
+ACCEL = REPO / "recipes" / "accelerate"
 
 
 @dataclass
@@ -187,6 +188,25 @@ CASES = [
          lambda t, m: ["sft", recipe(t, m, output={"dir": "/proc/finetune-out"})]),
     Case("resume-nothing", "--resume with no checkpoint", "no complete checkpoint", lambda t, m: ["sft", recipe(t, m), "--resume"]),
     Case("resume-changed", "--resume after the recipe changed", "lora.r: 4 -> 8", resumed_with_change),
+    # multi-process launches (refused before any process starts)
+    Case("launch-processes-zero", "--num-processes 0", "--num-processes must be at least 1", lambda t, m: ["sft", recipe(t, m), "--num-processes", "0"]),
+    Case("launch-qlora-fsdp", "4-bit weights with an FSDP config", "model.quantization: 4bit cannot be combined with fsdp",
+         lambda t, m: ["sft", recipe(t, m, model={"quantization": "4bit"}), "--accelerate-config", ACCEL / "fsdp.yaml"]),
+    Case("launch-qlora-zero3", "4-bit weights with DeepSpeed ZeRO-3", "model.quantization: 4bit cannot be combined with deepspeed-3",
+         lambda t, m: ["dpo", recipe(t, m, model={"quantization": "4bit"}, dpo={"beta": 0.1}, data={"train": str(write_jsonl(t / "p.jsonl", [PREF] * 4))}),
+                       "--accelerate-config", ACCEL / "deepspeed-zero3.yaml"]),
+    Case("launch-sharded-on-cpu", "FSDP on a machine without CUDA GPUs", "needs CUDA GPUs and this run is on cpu",
+         lambda t, m: ["sft", recipe(t, m), "--accelerate-config", ACCEL / "fsdp.yaml"]),
+    Case("launch-deepspeed-missing", "a DeepSpeed config without DeepSpeed installed", "pip install deepspeed",
+         lambda t, m: ["sft", recipe(t, m), "--accelerate-config", ACCEL / "deepspeed-zero2.yaml", "--num-processes", "2"]),
+    Case("launch-config-missing", "--accelerate-config that does not exist", "--accelerate-config:",
+         lambda t, m: ["sft", recipe(t, m), "--accelerate-config", t / "nope.yaml"]),
+    Case("launch-config-foreign", "--accelerate-config that is not an Accelerate config", "has no `distributed_type`",
+         lambda t, m: ["sft", recipe(t, m), "--accelerate-config", text(t, "a.yaml", "learning_rate: 3\n")]),
+    Case("launch-multi-node", "a multi-machine config given to --accelerate-config", "spans 2 machines",
+         lambda t, m: ["sft", recipe(t, m), "--accelerate-config", ACCEL / "multi-node.yaml"]),
+    Case("launch-cuda-processes", "--num-processes on a recipe asking for a GPU that is not there", "no CUDA GPU",
+         lambda t, m: ["sft", recipe(t, m, model={"device": "cuda"}), "--num-processes", "2"]),
     # eval
     Case("eval-data-missing", "eval with a missing data file", "data file not found", lambda t, m: ["eval", m, "--data", t / "none.txt"]),
     Case("eval-empty-text", "eval on an empty text", "empty", lambda t, m: ["eval", m, "--data", text(t, "e.txt", "")]),
