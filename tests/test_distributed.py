@@ -140,3 +140,17 @@ def test_shipped_accelerate_configs_parse(tmp_path):
             kinds[f.stem] = launch.from_config(f, None).kind
     assert kinds == {"ddp": "ddp", "fsdp": "fsdp", "deepspeed-zero2": "deepspeed-2", "deepspeed-zero3": "deepspeed-3"}
     assert (REPO / "recipes" / "accelerate" / "README.md").is_file()
+
+
+def test_dpo_two_processes_equal_one(tmp_path, tiny):
+    rng = random.Random(1)
+    say = lambda: " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 8)))  # noqa: E731
+    write_jsonl(tmp_path / "pref.jsonl", [{"prompt": say(), "chosen": say(), "rejected": say() + " no"} for _ in range(16)])
+    for name, batch, extra in (("d1", 4, []), ("d2", 2, ["--num-processes", "2"])):
+        tree = {"model": {"base": str(tiny), "quantization": "none", "dtype": "fp32"}, "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+                "data": {"train": str(tmp_path / "pref.jsonl"), "max_length": 64}, "dpo": {"beta": 0.1},
+                "training": {"max_steps": 4, "batch_size": batch, "learning_rate": 1e-2, "warmup_ratio": 0.0, "scheduler": "constant"},
+                "output": {"dir": str(tmp_path / name)}}
+        code, out = finetune(["dpo", write_recipe(tmp_path / f"{name}.yaml", tree), *extra], tmp_path)
+        assert code == 0, out
+    assert_same_adapter(tmp_path / "d1", tmp_path / "d2")
