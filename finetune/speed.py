@@ -5,7 +5,8 @@ and the three pieces of work no library does for us on a CPU (measured in bench/
   the forward pass, so (tokens x vocabulary) fp32 logits never exist at once;
 - per-sequence causal attention for padding-free batches, instead of one dense block-diagonal mask over
   the whole flattened batch (cost: sum of squared lengths instead of the square of their sum);
-- LoRA layers that leave their input in the autocast dtype instead of copying it to fp32 per adapter.
+- LoRA layers that leave their input in the autocast dtype instead of copying it to fp32 per adapter;
+- on Linux CPUs, freed memory kept in the heap for the next step (reuse_freed_memory).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Speed:
     packing: bool
     attention: str
     loss: str
+    allocator: str = "default"
 
 
 def choose(recipe, loaded, method: str) -> Speed:
@@ -37,8 +39,10 @@ def choose(recipe, loaded, method: str) -> Speed:
     t = recipe.training
     gc = t.gradient_checkpointing
     if gc == "auto":
-        # recomputation costs ~30 % speed; only worth it where activations don't fit: big models on GPUs
-        gc = loaded.device == "cuda" and n_params >= 1e9
+        # recomputation costs ~30 % speed; worth it where activations don't fit: big models on GPUs. DPO on a
+        # CPU is the exception: its full-vocabulary logits for chosen and rejected make each step allocate GBs,
+        # and recomputing measured faster than keeping them (4.4 s vs 4.8 s a step, 37 % less memory; bench/)
+        gc = (loaded.device == "cuda" and n_params >= 1e9) or (loaded.device == "cpu" and method == "dpo")
     pf = t.padding_free
     if pf == "auto":
         # flattening the batch removes padding work; on CUDA it pays with a varlen (flash) kernel, on CPU with ours
@@ -52,7 +56,8 @@ def choose(recipe, loaded, method: str) -> Speed:
         # batch; attention per sequence does the same work in sum(len^2) instead of (sum len)^2
         attention = VARLEN
     return Speed(loaded.device, str(loaded.dtype).removeprefix("torch."), loaded.quantization, bool(gc), bool(pf),
-                 recipe.data.packing, attention, "chunked cross-entropy over trained positions" if method == "sft" else "TRL DPO loss")
+                 recipe.data.packing, attention, "chunked cross-entropy over trained positions" if method == "sft" else "TRL DPO loss",
+                 "glibc, freed memory reused" if loaded.device == "cpu" and reuse_freed_memory(dry_run=True) else "default")
 
 
 def apply(base_model, peft_model, speed: Speed) -> None:
@@ -60,6 +65,32 @@ def apply(base_model, peft_model, speed: Speed) -> None:
     if speed.attention == VARLEN:
         use_varlen_attention(base_model)
     lora_input_casting(peft_model, enabled=speed.dtype == "float32")  # bf16/fp16 train under autocast
+    if speed.allocator != "default":
+        reuse_freed_memory()
+
+
+def reuse_freed_memory(dry_run: bool = False) -> bool:
+    """Keep freed memory in the process heap instead of returning it to the kernel (Linux, glibc).
+
+    glibc serves every allocation above 32 MB with its own mmap and unmaps it on free, so a CPU training
+    step that allocates and frees GBs of activations makes the kernel fault in and zero the same pages
+    again every step: measured on 2 cores, a quarter of DPO's step time was kernel time. Served from the
+    heap and kept there, the next step reuses them (DPO steps 1.35x faster, SFT a few percent, eval 1.14x;
+    the price is that RSS stays at its high-water mark). The same effect as running under jemalloc or
+    tcmalloc, without a preloaded library."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    if dry_run:
+        return True
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # from malloc.h
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 # ---- attention -------------------------------------------------------------------------------------

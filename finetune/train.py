@@ -52,7 +52,10 @@ def attach_lora(recipe: Recipe, loaded: models.Loaded, speed: speed_mod.Speed):
         except (RuntimeError, ValueError) as exc:
             raise UserError(f"model.adapter: {folder} does not fit base `{recipe.model.base}` ({str(exc).splitlines()[0][:200]})") from None
     lc = recipe.lora
-    config = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
+    # DPO trains without dropout (TRL's disable_dropout, so policy and reference see the same network); a LoRA
+    # dropout merely set to p=0 would still copy every adapter input, so it is left out altogether
+    dropout = 0.0 if recipe.dpo is not None else lc.dropout
+    config = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=dropout, target_modules=lc.target_modules,
                         use_dora=lc.use_dora, use_rslora=lc.use_rslora, task_type="CAUSAL_LM")
     try:
         return get_peft_model(model, config)

@@ -1,9 +1,14 @@
 """The hand-written speed pieces equal what they replace."""
 
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import REPO
 from finetune import speed
 
 
@@ -47,3 +52,21 @@ def test_varlen_attention_equals_block_diagonal_sdpa(tiny):
         x = torch.tensor([seqs[0], seqs[0][:6] + [0] * 6])
         m = torch.tensor([[1] * 12, [1] * 6 + [0] * 6])
         torch.testing.assert_close(model(input_ids=x, attention_mask=m).logits, ref_model(input_ids=x, attention_mask=m).logits)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc allocator setting")
+def test_freed_memory_is_kept_for_the_next_step():
+    """A freed 200 MB tensor goes back to the kernel by default; after reuse_freed_memory it stays in the heap."""
+    probe = (
+        "import torch\n"
+        "from finetune.speed import reuse_freed_memory\n"
+        "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096\n"
+        "def kept():\n"
+        "    before = rss(); t = torch.ones(50_000_000); del t; return rss() - before\n"
+        "default = kept()\n"
+        "assert reuse_freed_memory()\n"
+        "print(default, kept())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO).stdout.split()
+    default, reused = int(out[0]), int(out[1])
+    assert default < 20e6 and reused > 150e6, (default, reused)
