@@ -17,6 +17,7 @@ import os
 import platform
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -258,11 +259,12 @@ def eval_side(args, toolkit: bool) -> dict:
 def merge_side(args, toolkit: bool) -> dict:
     import torch
 
+    out = Path(args.work) / ("merged-toolkit" if toolkit else "merged-plain")
+    shutil.rmtree(out, ignore_errors=True)  # left by an earlier run
     t = time.perf_counter()
     if toolkit:
         from finetune import merge
 
-        out = Path(args.work) / "merged-toolkit"
         out.mkdir(parents=True)
         merge.merge_shards(Path(args.base), Path(args.adapter), out, "bf16", None)
     else:
@@ -270,7 +272,7 @@ def merge_side(args, toolkit: bool) -> dict:
         from transformers import AutoModelForCausalLM
 
         model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.bfloat16), args.adapter)
-        model.merge_and_unload().save_pretrained(Path(args.work) / "merged-plain", max_shard_size="200MB")
+        model.merge_and_unload().save_pretrained(out, max_shard_size="200MB")
     return {"seconds": time.perf_counter() - t, "peak_mb": peak_mb("cpu")}
 
 

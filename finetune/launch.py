@@ -79,7 +79,26 @@ def start_worker(device: str) -> None:
     if world_size() > 1:
         from accelerate import PartialState
 
+        die_with_launcher()
         PartialState(cpu=device == "cpu")  # gloo between CPU processes; transformers' Trainer reuses this state
+
+
+def die_with_launcher() -> None:
+    """torchrun starts each worker in a session of its own, so when the launcher is killed (kill -9, a
+    closed terminal) the workers would train on as orphans, holding GPUs and racing a later --resume. On
+    Linux, ask the kernel to end a worker when its launcher goes."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the launcher was already gone before the request took effect
+        os._exit(1)
 
 
 # ---- before launching -----------------------------------------------------------------------------

@@ -52,6 +52,18 @@ def finetune(args: list, tmp: Path, wait: bool = True):
     return proc.returncode, out
 
 
+def workers_of(recipe_path: Path) -> list[int]:
+    """Processes whose command line names this recipe."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and str(recipe_path).encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
 def assert_same_adapter(a: Path, b: Path) -> None:
     ta, tb = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
     assert ta.keys() == tb.keys()
@@ -101,8 +113,13 @@ def test_two_process_resume_after_kill_9(cli, tmp_path, tiny, one_process):
     deadline = time.time() + 300
     while not marker.exists() and victim.poll() is None and time.time() < deadline:
         time.sleep(0.02)
-    os.killpg(victim.pid, signal.SIGKILL)  # the launcher and both workers, with no chance to clean up
+    os.killpg(victim.pid, signal.SIGKILL)  # the launcher, with no chance to clean up
     victim.wait()
+    # the workers (in sessions of their own, as torchrun starts them) must not train on as orphans
+    deadline = time.time() + 30
+    while workers_of(path) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not workers_of(path), "workers outlived their launcher"
     assert not (tmp_path / "two" / "adapter_model.safetensors").exists(), "the run finished before it could be killed"
     # another process count would change the global batch: refused, naming it
     res = cli("sft", path, "--resume")
