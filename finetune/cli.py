@@ -55,6 +55,8 @@ def _recipe(path: Path, overrides: list[str] | None, method: str | None = None):
     return r
 
 
+OverwriteOpt = Annotated[bool, typer.Option(help="Replace a non-empty output folder.")]
+ResumeOpt = Annotated[bool, typer.Option(help="Continue from the latest complete checkpoint of the output folder.")]
 ProcessesOpt = Annotated[
     Optional[int],
     typer.Option("--num-processes", help="Data-parallel processes (one per GPU; gloo processes on CPU), started through Accelerate."),
@@ -105,8 +107,8 @@ def _train(method: str, path: Path, set_, overwrite: bool, resume: bool, process
 def sft(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML.")],
     set_: SetOpt = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
-    resume: Annotated[bool, typer.Option(help="Continue from the latest complete checkpoint of the output folder.")] = False,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
     num_processes: ProcessesOpt = None,
     accelerate_config: AccelerateOpt = None,
 ) -> None:
@@ -118,8 +120,8 @@ def sft(
 def dpo(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML with a `dpo:` section.")],
     set_: SetOpt = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
-    resume: Annotated[bool, typer.Option(help="Continue from the latest complete checkpoint of the output folder.")] = False,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
     num_processes: ProcessesOpt = None,
     accelerate_config: AccelerateOpt = None,
 ) -> None:
