@@ -171,3 +171,16 @@ def test_dpo_two_processes_equal_one(tmp_path, tiny):
         code, out = finetune(["dpo", write_recipe(tmp_path / f"{name}.yaml", tree), *extra], tmp_path)
         assert code == 0, out
     assert_same_adapter(tmp_path / "d1", tmp_path / "d2")
+
+
+def test_accelerate_launch_module_entry(tmp_path, tiny, one_process):
+    """Users who launch with accelerate themselves: `accelerate launch -m finetune sft RECIPE`."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("OMP_NUM_THREADS", None)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           "-m", "finetune", "sft", str(recipe(tmp_path, tiny, "acc", batch_size=2))]
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert json.loads((tmp_path / "acc" / "manifest.json").read_text())["processes"] == 2
+    assert_same_adapter(one_process, tmp_path / "acc")
