@@ -93,11 +93,12 @@ def die_with_launcher() -> None:
 
     if not sys.platform.startswith("linux"):
         return
+    launcher = os.getppid()
     try:
         ctypes.CDLL("libc.so.6").prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
-    if os.getppid() == 1:  # the launcher was already gone before the request took effect
+    if os.getppid() != launcher:  # the launcher went in between (in a container the launcher may be pid 1)
         os._exit(1)
 
 
