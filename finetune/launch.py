@@ -102,6 +102,32 @@ def die_with_launcher() -> None:
         os._exit(1)
 
 
+def _all_reduce(value: float, op: str) -> float:
+    if world_size() <= 1:
+        return value
+    import torch
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    t = torch.tensor([float(value)], dtype=torch.float64, device=PartialState().device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t.item()
+
+
+def total(value: float) -> float:
+    """Sum over all processes (a collective: every process must call it at the same point)."""
+    return _all_reduce(value, "sum")
+
+
+def largest(value: float) -> float:
+    return _all_reduce(value, "max")
+
+
+def anyone(flag: bool) -> bool:
+    """True when any process says so: keeps processes stopping at the same step (Ctrl-C, a bad loss)."""
+    return bool(_all_reduce(1.0 if flag else 0.0, "max"))
+
+
 # ---- before launching -----------------------------------------------------------------------------
 
 
@@ -195,7 +221,7 @@ def relaunch(launch: Launch, device: str, worker_args: list[str]) -> int:
             logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         launch_command(launch_command_parser().parse_args(argv))
-    except SignalException:  # Ctrl-C reached the launcher too; the workers save a checkpoint and stop
+    except SignalException:  # Ctrl-C reached the launcher, which passed it on; the workers save a checkpoint and stop
         return 130
     except Exception as exc:  # torchrun's ChildFailedError carries each worker's exit code
         codes = [f.exitcode for f in getattr(exc, "failures", {}).values()]
@@ -212,28 +238,3 @@ def worker_command(method: str, recipe_path: Path, overrides: list[str] | None, 
     args = [method, str(recipe_path)] + [f"--set={s}" for s in overrides or []]
     return args + (["--overwrite"] if overwrite else []) + (["--resume"] if resume else [])
 
-
-def _all_reduce(value: float, op: str) -> float:
-    if world_size() <= 1:
-        return value
-    import torch
-    import torch.distributed as dist
-    from accelerate import PartialState
-
-    t = torch.tensor([float(value)], dtype=torch.float64, device=PartialState().device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
-    return t.item()
-
-
-def total(value: float) -> float:
-    """Sum over all processes (a collective: every process must call it at the same point)."""
-    return _all_reduce(value, "sum")
-
-
-def largest(value: float) -> float:
-    return _all_reduce(value, "max")
-
-
-def anyone(flag: bool) -> bool:
-    """True when any process says so: keeps processes stopping at the same step (Ctrl-C, a bad loss)."""
-    return bool(_all_reduce(1.0 if flag else 0.0, "max"))

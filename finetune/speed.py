@@ -1,5 +1,5 @@
 """What makes training fast on each device: the settings chosen automatically (recorded in the manifest),
-and the three pieces of work no library does for us on a CPU (measured in bench/, see docs/benchmarks.md):
+and the pieces of work no library does for us on a CPU (measured in bench/, see docs/benchmarks.md):
 
 - a cross-entropy over the trained positions only, computed in chunks with its input gradient formed in
   the forward pass, so (tokens x vocabulary) fp32 logits never exist at once;

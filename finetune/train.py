@@ -272,12 +272,9 @@ def run(recipe: Recipe, method: str, *, overwrite: bool = False, resume: bool = 
     trainer.remove_callback(ProgressCallback)
 
     def on_sigint(signum, frame):
-        # a launcher passes the terminal's Ctrl-C on to its workers, which got it already: one press, not two
-        if state.get("interrupted") and time.time() - state["interrupted_at"] > 1.0:
-            raise KeyboardInterrupt
         if state.get("interrupted"):
-            return
-        state["interrupted"], state["interrupted_at"] = True, time.time()
+            raise KeyboardInterrupt
+        state["interrupted"] = True
         console.print("\n[yellow]Ctrl-C: saving a checkpoint after this step (press again to abort without saving)[/]")
 
     previous = signal.signal(signal.SIGINT, on_sigint)
