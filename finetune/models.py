@@ -328,6 +328,9 @@ def load_any(spec: str, *, quantization: str | None = None, device: str = "auto"
     if dtype not in ("auto", "bf16", "fp16", "fp32"):
         raise UserError(f"--dtype: {dtype!r} is not allowed — use auto, bf16, fp16 or fp32")
     folder = Path(spec).expanduser()
+    if (folder / "VERIFICATION_FAILED").is_file():  # written by `finetune merge` when its check failed
+        log(f"[bold yellow]warning:[/] {folder} failed its merge verification: it does not reproduce base + adapter, "
+            f"so its answers and scores are not the adapter's (see {folder / 'merge_report.json'})")
     info = adapter_info(folder) if folder.is_dir() else None
     if info is None:
         if not folder.exists() and spec not in BUILTINS and not (spec.count("/") == 1 and not spec.startswith((".", "/", "~"))):

@@ -121,3 +121,39 @@ def test_existing_out_kept_and_mismatched_base_refused(cli, tmp_path, tiny):
     assert not (tmp_path / "m2").exists()
     res = cli("merge", tmp_path / "nothing", "--out", tmp_path / "m3")
     assert res.code == 2 and "not an adapter folder" in res.err
+
+
+def test_bf16_merge_within_its_measured_rounding(cli, tmp_path, tiny):
+    """The bf16 tolerance is derived from the model itself: the effect of rounding the base to bf16."""
+    ad = train_adapter(cli, tmp_path, tiny)
+    res = cli("merge", ad, "--out", tmp_path / "m", "--dtype", "bf16")
+    assert res.code == 0, res.text
+    check = json.loads((tmp_path / "m" / "merge_report.json").read_text())["verification"]
+    rounding = check["rounding_to_output_dtype"]["mean_abs_logit_diff"]
+    assert 0 < rounding and check["tolerance"]["mean_abs_logit_diff"] == 2 * rounding + 1e-3
+    assert check["passed"] and check["mean_abs_logit_diff"] <= check["tolerance"]["mean_abs_logit_diff"]
+    assert "fp32 compute" in check["reference"]
+
+
+def test_wrong_merge_is_marked_and_warned_about(cli, tmp_path, tiny, monkeypatch):
+    """A merge that does not reproduce base + adapter (here: the LoRA scale doubled) fails its check, says what to
+    do next, is marked, and chat/eval warn before using it."""
+    from finetune import merge
+
+    ad = train_adapter(cli, tmp_path, tiny, steps=6)
+    lora_deltas = merge.lora_deltas
+    monkeypatch.setattr(merge, "lora_deltas", lambda a: (lambda p, c, s: (p, c, 2 * s))(*lora_deltas(a)))
+    out = tmp_path / "bad"
+    res = cli("merge", ad, "--out", out, "--dtype", "fp32")
+    assert res.code == 1, res.text
+    assert "VERIFICATION_FAILED" in res.err and "--base" in res.err and "--dtype fp32" in res.err
+    assert "internal error" not in res.err and "Traceback" not in res.text
+    assert (out / "VERIFICATION_FAILED").is_file() and not json.loads((out / "merge_report.json").read_text())["verification"]["passed"]
+    readme = (out / "README.md").read_text()
+    assert ".merging-" not in readme and 'from_pretrained("bad")' in readme and "verification failed" in readme
+    monkeypatch.undo()
+    res = cli("chat", out, "--prompt", "who are you 1", "--max-new-tokens", "4", "--temperature", "0")
+    assert res.code == 0 and "failed its merge verification" in res.err
+    data = write_jsonl(tmp_path / "val.jsonl", toy_rows(4))
+    res = cli("eval", out, "--data", data)
+    assert res.code == 0 and "failed its merge verification" in res.err
