@@ -84,6 +84,8 @@ def convert_gguf(gguf_path: Path, dest: Path, log=print) -> Path:
 
     if os.environ.get("TRANSFORMERS_VERBOSITY") == "error":
         transformers.utils.logging.disable_progress_bar()
+        # transformers' GGUF reader draws its own tqdm bar, which floods logs that are not a terminal
+        os.environ.setdefault("TQDM_DISABLE", "1")
     log(f"Converting {gguf_path.name} to safetensors in {dest} (once; later loads take about a second)")
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
