@@ -169,10 +169,10 @@ def test_truncate_and_drop_counted(tmp_path, tiny_tokenizer):
     n = short + 2
     t = data.prepare(section(p, max_length=n), tiny_tokenizer, "sft", 0, log=lambda s: None)
     # the long prompt is cut before its answer, so nothing is left to train: dropped; the long answer is cut and kept
-    assert t.truncated == 1 and t.dropped == {"no trained tokens": 1} and len(t.train) == 2
+    assert t.truncated == 1 and t.dropped == {f"the prompt alone is longer than data.max_length ({n})": 1} and len(t.train) == 2
     assert t.train[1].truncated and len(t.train[1].input_ids) == n
     d = data.prepare(section(p, max_length=n, truncation="drop", max_dropped_fraction=0.9), tiny_tokenizer, "sft", 0, log=lambda s: None)
-    assert d.truncated == 0 and d.dropped == {"longer than max_length": 2} and len(d.train) == 1
+    assert d.truncated == 0 and d.dropped == {f"longer than data.max_length ({n}) with data.truncation: drop": 2} and len(d.train) == 1
     with pytest.raises(UserError, match="max_dropped_fraction"):
         data.prepare(section(p, max_length=n, max_dropped_fraction=0.1), tiny_tokenizer, "sft", 0, log=lambda s: None)
 
@@ -192,11 +192,11 @@ def test_preference_formats_normalise_alike(tmp_path, tiny_tokenizer):
                                "rejected": {"from": "gpt", "value": PREF["rejected"]}}]))
     outs = [data.prepare(section(p), tiny_tokenizer, "dpo", 0, log=lambda s: None) for p in (plain, msgs, hh, sg)]
     assert all(o.format == "preference" for o in outs)
-    first = {k: outs[0].train[0][k] for k in ("prompt", "chosen", "rejected")}
+    first = {k: getattr(outs[0].train[0], k) for k in ("prompt", "chosen", "rejected")}
     assert first["prompt"].endswith("<|im_start|>assistant\n")
     assert first["chosen"] == "my name is pico<|im_end|>" and first["rejected"] == "no<|im_end|>"
     for o in outs[1:]:
-        assert {k: o.train[0][k] for k in ("prompt", "chosen", "rejected")} == first
+        assert {k: getattr(o.train[0], k) for k in ("prompt", "chosen", "rejected")} == first
 
 
 def test_shipped_samples_load(tiny_tokenizer):
