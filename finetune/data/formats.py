@@ -136,10 +136,10 @@ def _alpaca(d: dict, where: str) -> list[dict]:
     history = d.get("history")
     if history is not None and history != "":
         if not isinstance(history, list):
-            raise UserError(f"{where}: `history` must be a list of [instruction, response] pairs, got {kind(history)}")
+            raise UserError(f"{where}: `history` must be a list of pairs of (instruction, response), got {kind(history)}")
         for pair in history:
             if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
-                raise UserError(f"{where}: `history` must be a list of [instruction, response] pairs")
+                raise UserError(f"{where}: `history` must be a list of pairs of (instruction, response)")
             msgs += [{"role": "user", "content": text_field(pair[0], where, "history")},
                      {"role": "assistant", "content": text_field(pair[1], where, "history")}]
     if d.get("input") is not None and text_field(d["input"], where, "input", allow_empty=True):
@@ -181,8 +181,11 @@ def to_preference(d: dict, where: str) -> dict:
     """Any preference row -> {"prompt": [msgs], "chosen": [msgs], "rejected": [msgs]}."""
     needs = "every preference row needs `chosen` and `rejected`"
     chosen, rejected = require(d, "chosen", where, needs), require(d, "rejected", where, needs)
-    if d.get("conversations") is not None:  # ShareGPT style: a conversation plus chosen / rejected final turns
-        prompt = turns(d["conversations"], where, "conversations", "from", "value")
+    if (d.get("conversations") is not None or ("conversations" in d and d.get("prompt") is None)
+            or any(isinstance(a, dict) and "from" in a for a in (chosen, rejected))):
+        # ShareGPT style: a conversation plus chosen / rejected final turns
+        needs = "ShareGPT preference rows need `conversations` (the prompt turns), `chosen` and `rejected`"
+        prompt = turns(require(d, "conversations", where, needs), where, "conversations", "from", "value")
         chosen, rejected = ([a] if isinstance(a, dict) else a for a in (chosen, rejected))
         chosen = turns(chosen, where, "chosen", "from", "value")
         rejected = turns(rejected, where, "rejected", "from", "value")
@@ -198,7 +201,8 @@ def to_preference(d: dict, where: str) -> dict:
             n -= 1
         prompt, chosen, rejected = c[:n], c[n:], r[n:]
         if not prompt:
-            raise UserError(f"{where}: `chosen` and `rejected` share no prompt turns — give a `prompt` field, or start both with the same user turn")
+            raise UserError(f"{where}: no `prompt`, and `chosen` and `rejected` share no prompt turns — give a `prompt`, "
+                            "or make both full conversations that start with the same user turn")
     else:
         prompt = _text_or_turns(require(d, "prompt", where, "a preference row needs `prompt`, `chosen` and `rejected`, or full "
                                         "`chosen`/`rejected` conversations that share the prompt"), where, "prompt", "user")

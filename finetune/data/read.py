@@ -141,7 +141,7 @@ def _csv(path: Path, text: str) -> list[Row]:
     try:
         for record in reader:
             first, last = last + 1, reader.line_num
-            if not any(cell.strip() for cell in record):
+            if len(record) <= 1 and not "".join(record).strip():  # a blank line; a row of empty cells is a row
                 continue
             if header is None:
                 header = record
