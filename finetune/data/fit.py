@@ -6,7 +6,8 @@ trained answer are kept. Preference pairs keep the end of a long prompt (earlies
 first, then the start of the first remaining turn cut; the system message stays) and cut answers at the
 end, sharing the budget as TRL and LLaMA-Factory users expect: answers up to half the window or what the
 prompt leaves, whichever is more. Lengths are counted exactly as TRL's DPOTrainer tokenizes the strings
-we hand it, so its own truncation never fires.
+we hand it, so its own truncation never fires. TRL appends EOS to any answer string that lacks it, so the
+strings are built with it already there (a cut answer too: TRL leaves no way around that for text data).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from dataclasses import dataclass
 
 from finetune.data.template import render, tokenize_conversation, tokenize_text
 
-EARLIER_TURNS = "earlier turns removed"
-PROMPT_START = "prompt cut from the start"
+# how an example was shortened, as counted in the report ("3 with earlier turns removed, ...")
+EARLIER_TURNS = "with earlier turns removed"
+PROMPT_START = "with the start of the prompt cut"
 CUT_END = "cut at the end"
-ANSWERS_CUT = "answers cut at the end"
+ANSWERS_CUT = "with answers cut at the end"
 
 
 @dataclass
@@ -29,7 +31,7 @@ class Dropped:
     cause: str
     detail: str
     need: int | None = None
-    fix: str = "raise data.max_length to {need}"
+    fix: str = "raise data.max_length to at least {need}"
 
 
 def _trained(labels: list[int], limit: int) -> bool:
@@ -94,6 +96,12 @@ def trl_split(tokenizer, prompt: str, chosen: str, rejected: str) -> tuple[list[
     return p[:n], pc[n:], pr[n:]
 
 
+def with_eos(tokenizer, answer: str) -> str:
+    """The answer as TRL's DPOTrainer tokenizes it: it appends EOS to answer strings that lack it."""
+    eos = tokenizer.eos_token
+    return answer if not eos or answer.endswith(eos) else answer + eos
+
+
 def _answers(tokenizer, prompt_msgs: list[dict], answers: list[list[dict]], where: str) -> tuple[str, list[str]]:
     from finetune.errors import UserError
 
@@ -103,7 +111,7 @@ def _answers(tokenizer, prompt_msgs: list[dict], answers: list[list[dict]], wher
         full = render(tokenizer, prompt_msgs + ans).rstrip()
         if not full.startswith(prompt):
             raise UserError(f"{where}: the chat template renders the prompt differently once an answer follows — cannot split prompt and answer")
-        out.append(full[len(prompt):])
+        out.append(with_eos(tokenizer, full[len(prompt):]))
     return prompt, out
 
 
@@ -111,31 +119,31 @@ def _prompt_len(tokenizer, msgs: list[dict]) -> int:
     return len(tokenizer(text=render(tokenizer, msgs, generation_prompt=True))["input_ids"])
 
 
+def _keep_tail(msgs: list[dict], i: int, starts: list[int], k: int) -> list[dict]:
+    """The messages with turn i reduced to its last k tokens (`starts`: where each of its tokens begins)."""
+    return msgs[:i] + [{**msgs[i], "content": msgs[i]["content"][starts[len(starts) - k]:]}] + msgs[i + 1:]
+
+
 def _shorten_prompt(tokenizer, msgs: list[dict], target: int) -> tuple[list[dict], list[str]] | None:
-    """The prompt with its end kept, at most `target` tokens long, or None if the system message (and the
-    template around the last turn) leave no room."""
+    """The end of the prompt, at most `target` tokens: the earliest exchanges removed, then the start of the
+    first remaining turn cut, the system message kept. None if the system message (and the template around
+    the last turn) leave no room."""
     how: list[str] = []
-    while _prompt_len(tokenizer, msgs) > target:
+    while True:
+        if _prompt_len(tokenizer, msgs) <= target:
+            return msgs, how
+        i = next(i for i, m in enumerate(msgs) if m["role"] != "system")
+        starts = [s for s, _ in tokenizer(msgs[i]["content"], add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
+        if starts and _prompt_len(tokenizer, _keep_tail(msgs, i, starts, 1)) <= target:
+            lo, hi = 1, len(starts)  # the most of that turn that fits, by bisection
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if _prompt_len(tokenizer, _keep_tail(msgs, i, starts, mid)) <= target else (lo, mid - 1)
+            return _keep_tail(msgs, i, starts, lo), how + [PROMPT_START]
         shorter = _without_first_exchange(msgs)
         if shorter is None:
-            break
+            return None
         msgs, how = shorter, [EARLIER_TURNS]
-    if _prompt_len(tokenizer, msgs) <= target:
-        return msgs, how
-    i = next(i for i, m in enumerate(msgs) if m["role"] != "system")
-    content = msgs[i]["content"]
-    starts = [s for s, _ in tokenizer(content, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
-
-    def keeping(k: int) -> list[dict]:  # the last k tokens of the first remaining turn
-        return msgs[:i] + [{**msgs[i], "content": content[starts[len(starts) - k]:]}] + msgs[i + 1:]
-
-    lo, hi = 0, len(starts)  # the largest k that fits, by bisection
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if _prompt_len(tokenizer, keeping(mid)) <= target else (lo, mid - 1)
-    if lo == 0:
-        return None
-    return keeping(lo), how + [PROMPT_START]
 
 
 def _cut_answer(tokenizer, prompt: str, answer: str, limit: int) -> str:
@@ -144,11 +152,11 @@ def _cut_answer(tokenizer, prompt: str, answer: str, limit: int) -> str:
     keep = limit
     while keep > 0:
         end = enc["offset_mapping"][keep - 1][1]
-        cut = (prompt + answer)[:end][len(prompt):]
+        cut = with_eos(tokenizer, (prompt + answer)[:end][len(prompt):])
         if len(tokenizer(text=prompt + cut)["input_ids"]) <= limit:
             return cut
-        keep -= 1  # a merge across the new end can change the count: step back a token
-    return ""
+        keep -= 1  # the EOS, or a merge across the new end, can change the count: step back a token
+    return with_eos(tokenizer, "")
 
 
 def fit_pair(tokenizer, rec: dict, max_length: int, truncation: str, where: str):
