@@ -204,7 +204,8 @@ def test_shipped_samples_load(tiny_tokenizer):
     for name, method, fmt in [("persona.jsonl", "sft", "messages"), ("sharegpt.json", "sft", "sharegpt"), ("alpaca.jsonl", "sft", "alpaca"),
                               ("prompt_completion.csv", "sft", "prompt_completion"), ("prompt_completion.parquet", "sft", "prompt_completion"),
                               ("astronomy.txt", "sft", "text"), ("preference.jsonl", "dpo", "preference"),
-                              ("preference_hh.jsonl", "dpo", "preference"), ("preference_sharegpt.json", "dpo", "preference")]:
+                              ("preference_hh.jsonl", "dpo", "preference"), ("preference_sharegpt.json", "dpo", "preference"),
+                              ("preference_long.jsonl", "dpo", "preference")]:
         p = data.prepare(section(d / name, max_length=512), tiny_tokenizer, method, 0, log=lambda s: None)
         assert p.format == fmt and len(p.train) >= 6, name
 
