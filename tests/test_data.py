@@ -269,3 +269,32 @@ def test_missing_file_and_bad_type(tmp_path, tiny_tokenizer):
     (tmp_path / "x.xml").write_text("<a/>")
     with pytest.raises(UserError, match="unsupported file type"):
         data.prepare(section(tmp_path / "x.xml"), tiny_tokenizer, "sft", 0)
+
+
+def test_exact_lines_in_every_file_type(tmp_path):
+    """Rows are named by the line they start on: a quoted CSV value may span lines, JSON records may share one."""
+    p = tmp_path / "m.csv"
+    p.write_text('prompt,completion\n"who\nare\nyou",pico\n\nwhat,star\n')
+    rows, files = data.read(str(p), {})
+    assert [r.where for r in rows] == [f"{p} line 2", f"{p} line 6"] and rows[0].data == {"prompt": "who\nare\nyou", "completion": "pico"}
+    import hashlib
+
+    assert files[0]["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
+    p = tmp_path / "a.json"
+    p.write_text('{"note": "x", "rows": [\n  {"text": "a"},\n\n  {"text": "b"}, {"text": "c"}]}')
+    assert [r.where for r in data.read(str(p), {})[0]] == [f"{p} line 2", f"{p} line 4 (item 2)", f"{p} line 4 (item 3)"]
+    p = tmp_path / "t.txt"
+    p.write_text("one\ntwo\n\n\n\nthree\n\nfour")
+    rows, _ = data.read(str(p), {})
+    assert [(r.where, r.data["text"]) for r in rows] == [(f"{p} line 1", "one\ntwo"), (f"{p} line 6", "three"), (f"{p} line 8", "four")]
+
+
+def test_malformed_csv_and_encoding(tmp_path):
+    p = tmp_path / "m.csv"
+    p.write_text("prompt,completion\nwho,pico\nwhat,star,extra\n")
+    with pytest.raises(UserError, match=r"m.csv line 3: 3 values but the header has 2 columns"):
+        data.read(str(p), {})
+    p = tmp_path / "b.jsonl"
+    p.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(UserError, match=r"b.jsonl line 2: not valid UTF-8"):
+        data.read(str(p), {})

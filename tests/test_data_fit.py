@@ -159,3 +159,15 @@ def test_sft_keeps_the_later_turns_when_early_ones_are_long(tmp_path, tiny_token
     # plenty of room for the first answer: cut at the end as before, nothing removed from the start
     p = data.prepare(DataSection(train=str(path), max_length=first_trained + 5), tok, "sft", 0, log=quiet)
     assert p.train[0].input_ids == ids[:first_trained + 5] and p.truncations == {"cut at the end": 1}
+
+
+def test_inspect_says_why_sft_rows_were_dropped(cli, tmp_path, tiny):
+    long = {"messages": [{"role": "user", "content": "star " * 80}, {"role": "assistant", "content": "pico"}]}
+    path = write_jsonl(tmp_path / "m.jsonl", [long] + toy_rows(5))
+    r = write_recipe(tmp_path / "r.yaml", {"model": {"base": str(tiny)}, "data": {"train": str(path), "max_length": 64}})
+    res = cli("inspect", r)
+    assert res.code == 0, res.text
+    text = " ".join(res.text.split())
+    assert f"1 of 6 training rows dropped: the prompt alone is longer than data.max_length (64) (e.g. {path} line 1: the prompt alone is " in text
+    assert "to keep them" in text and "training on 5 examples" in text
+    assert "dropped 1 row: the prompt alone is longer than data.max_length (64)" in text
