@@ -60,12 +60,14 @@ def fit_sft(tokenizer, rec: dict, max_length: int, truncation: str, train_on: st
     how: list[str] = []
     if "messages" in rec and len(ids) > max_length:
         msgs = rec["messages"]
-        while not _trained(labels, max_length) and _trained(labels, len(labels)):
+        while not _trained(labels, max_length):
             shorter = _without_first_exchange(msgs)
             if shorter is None:
                 break
-            msgs, how = shorter, [EARLIER_TURNS]
-            ids, labels = tokenize_conversation(tokenizer, msgs, train_on)
+            short_ids, short_labels = tokenize_conversation(tokenizer, shorter, train_on)
+            if not _trained(short_labels, len(short_labels)):  # the later turns hold no answer: nothing to keep
+                break
+            msgs, ids, labels, how = shorter, short_ids, short_labels, [EARLIER_TURNS]
     if not _trained(labels, len(labels)):
         return Dropped("no trained tokens", f"{len(ids)} tokens, none of them trained", None, "check data.train_on")
     if not _trained(labels, max_length):
@@ -132,7 +134,9 @@ def _shorten_prompt(tokenizer, msgs: list[dict], target: int) -> tuple[list[dict
     while True:
         if _prompt_len(tokenizer, msgs) <= target:
             return msgs, how
-        i = next(i for i, m in enumerate(msgs) if m["role"] != "system")
+        i = next((i for i, m in enumerate(msgs) if m["role"] != "system"), None)
+        if i is None:  # nothing but system messages: nothing that may be cut
+            return None
         starts = [s for s, _ in tokenizer(msgs[i]["content"], add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
         if starts and _prompt_len(tokenizer, _keep_tail(msgs, i, starts, 1)) <= target:
             lo, hi = 1, len(starts)  # the most of that turn that fits, by bisection
