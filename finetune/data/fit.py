@@ -82,10 +82,7 @@ def fit_sft(tokenizer, rec: dict, max_length: int, truncation: str, train_on: st
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def trl_split(tokenizer, prompt: str, chosen: str, rejected: str) -> tuple[list[int], list[int], list[int]]:
@@ -126,28 +123,50 @@ def _keep_tail(msgs: list[dict], i: int, starts: list[int], k: int) -> list[dict
     return msgs[:i] + [{**msgs[i], "content": msgs[i]["content"][starts[len(starts) - k]:]}] + msgs[i + 1:]
 
 
+def _fit_turn(tokenizer, msgs: list[dict], target: int) -> list[dict] | None:
+    """The prompt within `target` tokens by cutting the start of its first non-system turn (or as it is)."""
+    if _prompt_len(tokenizer, msgs) <= target:
+        return msgs
+    i = next((i for i, m in enumerate(msgs) if m["role"] != "system"), None)
+    if i is None:  # nothing but system messages: nothing that may be cut
+        return None
+    starts = [s for s, _ in tokenizer(msgs[i]["content"], add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
+    if not starts or _prompt_len(tokenizer, _keep_tail(msgs, i, starts, 1)) > target:
+        return None
+    lo, hi = 1, len(starts)  # the most of that turn that fits, by bisection
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if _prompt_len(tokenizer, _keep_tail(msgs, i, starts, mid)) <= target else (lo, mid - 1)
+    return _keep_tail(msgs, i, starts, lo)
+
+
 def _shorten_prompt(tokenizer, msgs: list[dict], target: int) -> tuple[list[dict], list[str]] | None:
-    """The end of the prompt, at most `target` tokens: the earliest exchanges removed, then the start of the
-    first remaining turn cut, the system message kept. None if the system message (and the template around
-    the last turn) leave no room."""
-    how: list[str] = []
-    while True:
-        if _prompt_len(tokenizer, msgs) <= target:
-            return msgs, how
-        i = next((i for i, m in enumerate(msgs) if m["role"] != "system"), None)
-        if i is None:  # nothing but system messages: nothing that may be cut
+    """The end of the prompt, at most `target` tokens: the fewest earliest exchanges removed, then the start
+    of the first remaining turn cut, the system message kept. None if the system message (and the template
+    around the last turn) leave no room."""
+    versions = [msgs]  # the prompt with 0, 1, 2... earliest exchanges removed
+    while (shorter := _without_first_exchange(versions[-1])) is not None:
+        versions.append(shorter)
+
+    def least_fit(k: int) -> list[dict] | None:  # version k with its first turn cut to one token, if that fits
+        i = next((i for i, m in enumerate(versions[k]) if m["role"] != "system"), None)
+        if i is None:
             return None
-        starts = [s for s, _ in tokenizer(msgs[i]["content"], add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
-        if starts and _prompt_len(tokenizer, _keep_tail(msgs, i, starts, 1)) <= target:
-            lo, hi = 1, len(starts)  # the most of that turn that fits, by bisection
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                lo, hi = (mid, hi) if _prompt_len(tokenizer, _keep_tail(msgs, i, starts, mid)) <= target else (lo, mid - 1)
-            return _keep_tail(msgs, i, starts, lo), how + [PROMPT_START]
-        shorter = _without_first_exchange(msgs)
-        if shorter is None:
-            return None
-        msgs, how = shorter, [EARLIER_TURNS]
+        starts = [s for s, _ in tokenizer(versions[k][i]["content"], add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]]
+        return _keep_tail(versions[k], i, starts, 1) if starts else versions[k]
+
+    lo, hi = 0, len(versions)  # the fewest removals after which the prompt can fit, by bisection (shorter is monotone)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        least = least_fit(mid)
+        lo, hi = (lo, mid) if least is not None and _prompt_len(tokenizer, least) <= target else (mid + 1, hi)
+    if lo == len(versions):
+        return None
+    fitted = _fit_turn(tokenizer, versions[lo], target)
+    if fitted is None:
+        return None
+    how = [EARLIER_TURNS] if lo else []
+    return fitted, how + ([PROMPT_START] if fitted is not versions[lo] else [])
 
 
 def _cut_answer(tokenizer, prompt: str, answer: str, limit: int) -> str:
