@@ -101,7 +101,7 @@ def available_memory_gib(device: str) -> float | None:
 
 def statistics_for(recipe: Recipe, prepared: data.Prepared, tokenizer) -> dict:
     if prepared.format == "preference":
-        lengths = [len(tokenizer(r["prompt"] + max(r["chosen"], r["rejected"], key=len), add_special_tokens=False)["input_ids"]) for r in prepared.train]
+        lengths = [pair.length for pair in prepared.train]
         trained_share = None
     else:
         lengths = [len(e.input_ids) for e in prepared.train]
@@ -152,7 +152,7 @@ def run(recipe: Recipe, *, examples: int = 2, as_json: bool = False) -> None:
     t.add_row("rows", f"{stats['rows']} read · {stats['train_examples']} train · {stats['validation_examples']} validation")
     tk = stats["tokens"]
     t.add_row("tokens per example", f"min {tk['min']} · median {tk['median']} · p95 {tk['p95']} · max {tk['max']} · total {tk['total']}")
-    t.add_row("truncated / dropped", f"{stats['truncated']} truncated at {recipe.data.max_length} · dropped {stats['dropped'] or 0}")
+    t.add_row("truncated / dropped", f"{stats['truncated']} truncated at {recipe.data.max_length} · dropped {data.describe_dropped(stats['dropped'])}")
     if stats["trained_token_share"] is not None:
         t.add_row("trained tokens", f"{stats['trained_token_share']:.1%} of all tokens (train_on: {recipe.data.train_on})")
     ps = stats["padding_share"]
@@ -168,4 +168,4 @@ def run(recipe: Recipe, *, examples: int = 2, as_json: bool = False) -> None:
             console.print(render_example(tokenizer, e))
     else:
         for r in prepared.train[:examples]:
-            console.print(f"[dim]── {r['where']}[/]\n[dim]{r['prompt']}[/][green]{r['chosen']}[/]  [red](rejected: {r['rejected']})[/]")
+            console.print(f"[dim]── {r.where}{' (truncated)' if r.truncated else ''}[/]\n[dim]{r.prompt}[/][green]{r.chosen}[/]  [red](rejected: {r.rejected})[/]")

@@ -169,10 +169,10 @@ def test_truncate_and_drop_counted(tmp_path, tiny_tokenizer):
     n = short + 2
     t = data.prepare(section(p, max_length=n), tiny_tokenizer, "sft", 0, log=lambda s: None)
     # the long prompt is cut before its answer, so nothing is left to train: dropped; the long answer is cut and kept
-    assert t.truncated == 1 and t.dropped == {"no trained tokens": 1} and len(t.train) == 2
+    assert t.truncated == 1 and t.dropped == {f"the prompt alone is longer than data.max_length ({n})": 1} and len(t.train) == 2
     assert t.train[1].truncated and len(t.train[1].input_ids) == n
     d = data.prepare(section(p, max_length=n, truncation="drop", max_dropped_fraction=0.9), tiny_tokenizer, "sft", 0, log=lambda s: None)
-    assert d.truncated == 0 and d.dropped == {"longer than max_length": 2} and len(d.train) == 1
+    assert d.truncated == 0 and d.dropped == {f"longer than data.max_length ({n}) with data.truncation: drop": 2} and len(d.train) == 1
     with pytest.raises(UserError, match="max_dropped_fraction"):
         data.prepare(section(p, max_length=n, max_dropped_fraction=0.1), tiny_tokenizer, "sft", 0, log=lambda s: None)
 
@@ -192,11 +192,11 @@ def test_preference_formats_normalise_alike(tmp_path, tiny_tokenizer):
                                "rejected": {"from": "gpt", "value": PREF["rejected"]}}]))
     outs = [data.prepare(section(p), tiny_tokenizer, "dpo", 0, log=lambda s: None) for p in (plain, msgs, hh, sg)]
     assert all(o.format == "preference" for o in outs)
-    first = {k: outs[0].train[0][k] for k in ("prompt", "chosen", "rejected")}
+    first = {k: getattr(outs[0].train[0], k) for k in ("prompt", "chosen", "rejected")}
     assert first["prompt"].endswith("<|im_start|>assistant\n")
     assert first["chosen"] == "my name is pico<|im_end|>" and first["rejected"] == "no<|im_end|>"
     for o in outs[1:]:
-        assert {k: o.train[0][k] for k in ("prompt", "chosen", "rejected")} == first
+        assert {k: getattr(o.train[0], k) for k in ("prompt", "chosen", "rejected")} == first
 
 
 def test_shipped_samples_load(tiny_tokenizer):
@@ -204,7 +204,8 @@ def test_shipped_samples_load(tiny_tokenizer):
     for name, method, fmt in [("persona.jsonl", "sft", "messages"), ("sharegpt.json", "sft", "sharegpt"), ("alpaca.jsonl", "sft", "alpaca"),
                               ("prompt_completion.csv", "sft", "prompt_completion"), ("prompt_completion.parquet", "sft", "prompt_completion"),
                               ("astronomy.txt", "sft", "text"), ("preference.jsonl", "dpo", "preference"),
-                              ("preference_hh.jsonl", "dpo", "preference"), ("preference_sharegpt.json", "dpo", "preference")]:
+                              ("preference_hh.jsonl", "dpo", "preference"), ("preference_sharegpt.json", "dpo", "preference"),
+                              ("preference_long.jsonl", "dpo", "preference")]:
         p = data.prepare(section(d / name, max_length=512), tiny_tokenizer, method, 0, log=lambda s: None)
         assert p.format == fmt and len(p.train) >= 6, name
 
@@ -268,3 +269,32 @@ def test_missing_file_and_bad_type(tmp_path, tiny_tokenizer):
     (tmp_path / "x.xml").write_text("<a/>")
     with pytest.raises(UserError, match="unsupported file type"):
         data.prepare(section(tmp_path / "x.xml"), tiny_tokenizer, "sft", 0)
+
+
+def test_exact_lines_in_every_file_type(tmp_path):
+    """Rows are named by the line they start on: a quoted CSV value may span lines, JSON records may share one."""
+    p = tmp_path / "m.csv"
+    p.write_text('prompt,completion\n"who\nare\nyou",pico\n\nwhat,star\n')
+    rows, files = data.read(str(p), {})
+    assert [r.where for r in rows] == [f"{p} line 2", f"{p} line 6"] and rows[0].data == {"prompt": "who\nare\nyou", "completion": "pico"}
+    import hashlib
+
+    assert files[0]["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
+    p = tmp_path / "a.json"
+    p.write_text('{"note": "x", "rows": [\n  {"text": "a"},\n\n  {"text": "b"}, {"text": "c"}]}')
+    assert [r.where for r in data.read(str(p), {})[0]] == [f"{p} line 2", f"{p} line 4 (item 2)", f"{p} line 4 (item 3)"]
+    p = tmp_path / "t.txt"
+    p.write_text("one\ntwo\n\n\n\nthree\n\nfour")
+    rows, _ = data.read(str(p), {})
+    assert [(r.where, r.data["text"]) for r in rows] == [(f"{p} line 1", "one\ntwo"), (f"{p} line 6", "three"), (f"{p} line 8", "four")]
+
+
+def test_malformed_csv_and_encoding(tmp_path):
+    p = tmp_path / "m.csv"
+    p.write_text("prompt,completion\nwho,pico\nwhat,star,extra\n")
+    with pytest.raises(UserError, match=r"m.csv line 3: 3 values but the header has 2 columns"):
+        data.read(str(p), {})
+    p = tmp_path / "b.jsonl"
+    p.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(UserError, match=r"b.jsonl line 2: not valid UTF-8"):
+        data.read(str(p), {})

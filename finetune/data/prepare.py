@@ -1,0 +1,214 @@
+"""The whole data path for a recipe: read, normalise, tokenize, fit into data.max_length, split off
+validation rows, count what was cut or dropped and say so in words -> a typed `Prepared` result.
+
+SFT gives `Example`s (token ids + labels, the trainer uses them as they are). DPO gives
+`PreferencePair`s: prompt / chosen / rejected strings rendered with the chat template, which TRL's
+DPOTrainer tokenizes; their ids are computed here the way TRL does, so lengths are exact and already fit.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Generic, Literal, TypeVar, overload
+
+from finetune.data import fit, formats, template
+from finetune.data.read import read as read_rows
+from finetune.errors import UserError
+from finetune.recipe import DataSection
+
+
+@dataclass
+class Example:
+    """One SFT example: token ids and their labels (-100 where no loss)."""
+
+    input_ids: list[int]
+    labels: list[int]
+    where: str
+    truncated: bool = False
+
+
+@dataclass
+class PreferencePair:
+    """One DPO example: the rendered strings TRL receives, and the ids TRL derives from them."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    where: str
+    prompt_ids: list[int] = field(default_factory=list)
+    chosen_ids: list[int] = field(default_factory=list)
+    rejected_ids: list[int] = field(default_factory=list)
+    truncated: bool = False
+
+    @property
+    def length(self) -> int:
+        """Tokens in the longer of the two sequences the trainer sees (prompt + answer)."""
+        return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
+
+
+E = TypeVar("E", Example, PreferencePair)
+
+
+@dataclass
+class Tally:
+    """What happened to the rows of one split on their way to max_length."""
+
+    rows: int = 0
+    truncated: dict[str, int] = field(default_factory=dict)  # how -> rows
+    n_truncated: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)  # cause -> rows
+    first: dict[str, str] = field(default_factory=dict)  # cause -> "where: detail" of the first such row
+    need: dict[str, int | None] = field(default_factory=dict)  # cause -> data.max_length that keeps them all
+    fix: dict[str, str] = field(default_factory=dict)
+
+    def drop(self, d: fit.Dropped, where: str) -> None:
+        self.dropped[d.cause] = self.dropped.get(d.cause, 0) + 1
+        self.first.setdefault(d.cause, f"{where}: {d.detail}")
+        self.need[d.cause] = None if d.need is None else max(d.need, self.need.get(d.cause) or 0)
+        self.fix[d.cause] = d.fix
+
+    def cut(self, how: list[str]) -> None:
+        self.n_truncated += bool(how)
+        for h in how:
+            self.truncated[h] = self.truncated.get(h, 0) + 1
+
+    def fixes(self) -> list[str]:
+        return list(dict.fromkeys(self.fix[c].format(need=self.need[c]) for c in self.dropped if self.need[c] is not None))
+
+    def sentences(self, split: str, max_length: int) -> list[str]:
+        """The console report: every drop with its cause and an example, and how rows were shortened."""
+        out = []
+        for cause, n in self.dropped.items():
+            fixes = self.fix[cause].format(need=self.need[cause]) if self.need[cause] is not None else ""
+            out.append(f"{n} of {self.rows} {split} rows dropped: {cause} (e.g. {self.first[cause]})" + (f" — {fixes} to keep them" if fixes else ""))
+        if self.n_truncated:
+            how = ", ".join(f"{n} {h}" for h, n in self.truncated.items())
+            out.append(f"{self.n_truncated} of {self.rows} {split} rows shortened to fit data.max_length ({max_length}): {how}")
+        return out
+
+
+@dataclass
+class Prepared(Generic[E]):
+    """What the trainers and `inspect` need: typed examples plus the counts behind them."""
+
+    format: str
+    files: list[dict]
+    rows: int
+    train: list[E]
+    validation: list[E]
+    truncated: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)  # cause -> rows, training and validation together
+    truncations: dict[str, int] = field(default_factory=dict)  # how -> rows
+    notes: list[str] = field(default_factory=list)
+
+
+def describe_dropped(dropped: dict[str, int]) -> str:
+    """Drop counts in words, for tables: '3 rows: the prompt alone is longer than data.max_length (64)'."""
+    return "; ".join(f"{n} row{'s' if n != 1 else ''}: {cause}" for cause, n in dropped.items()) or "none"
+
+
+def split_validation(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_val = max(1, round(len(rows) * fraction))
+    if n_val >= len(rows):
+        raise UserError(f"data.validation: {fraction} of {len(rows)} rows leaves nothing to train on — use a smaller fraction or a file")
+    val = set(order[:n_val])
+    return [r for i, r in enumerate(rows) if i not in val], [r for i, r in enumerate(rows) if i in val]
+
+
+def tokenize_sft(tokenizer, records: list[tuple[dict, str]], section: DataSection, tally: Tally, check: bool) -> list[Example]:
+    examples = []
+    for i, (rec, where) in enumerate(records):
+        if check and i == 0 and "messages" in rec:
+            ids, labels = template.tokenize_conversation(tokenizer, rec["messages"], section.train_on)
+            template.check_template(tokenizer, rec["messages"], ids, labels)
+        got = fit.fit_sft(tokenizer, rec, section.max_length, section.truncation, section.train_on)
+        if isinstance(got, fit.Dropped):
+            tally.drop(got, where)
+            continue
+        ids, labels, how = got
+        tally.cut(how)
+        examples.append(Example(ids, labels, where, bool(how)))
+    return examples
+
+
+def tokenize_preference(tokenizer, records: list[tuple[dict, str]], section: DataSection, tally: Tally, check: bool) -> list[PreferencePair]:
+    pairs = []
+    for rec, where in records:
+        got = fit.fit_pair(tokenizer, rec, section.max_length, section.truncation, where)
+        if isinstance(got, fit.Dropped):
+            tally.drop(got, where)
+            continue
+        prompt, chosen, rejected, (p, c, r), how = got
+        tally.cut(how)
+        pairs.append(PreferencePair(prompt, chosen, rejected, where, p, c, r, bool(how)))
+    return pairs
+
+
+@overload
+def prepare(section: DataSection, tokenizer, method: Literal["sft"], seed: int, log: Callable[[str], None] = ...) -> Prepared[Example]: ...
+@overload
+def prepare(section: DataSection, tokenizer, method: Literal["dpo"], seed: int, log: Callable[[str], None] = ...) -> Prepared[PreferencePair]: ...
+def prepare(section: DataSection, tokenizer, method: str, seed: int, log: Callable[[str], None] = print) -> Prepared:
+    rows, files = read_rows(section.train, section.columns)
+    if isinstance(section.validation, str):
+        val_rows, val_files = read_rows(section.validation, section.columns)
+        files += [{**f, "split": "validation"} for f in val_files]
+    elif isinstance(section.validation, float):
+        rows, val_rows = split_validation(rows, section.validation, seed)
+    else:
+        val_rows = []
+    fmt, records = formats.normalise(rows, section.format, method, section.system_prompt)
+    _, val_records = formats.normalise(val_rows, fmt, method, section.system_prompt) if val_rows else (fmt, [])
+    added = template.ensure_chat_template(tokenizer)
+    prepared: Prepared = Prepared(format=fmt, files=files, rows=len(rows) + len(val_rows), train=[], validation=[])
+    how = "set by data.format" if section.format != "auto" else "detected"
+    prepared.notes.append(f"format: {fmt} ({how}); {len(records)} training rows, {len(val_records)} validation rows")
+    if added:
+        prepared.notes.append("the tokenizer has no chat template: using the default ChatML template (saved with the adapter)")
+    tokenize = tokenize_preference if fmt == "preference" else tokenize_sft
+    train, val = Tally(rows=len(records)), Tally(rows=len(val_records))
+    prepared.train = tokenize(tokenizer, records, section, train, True)
+    prepared.validation = tokenize(tokenizer, val_records, section, val, False) if val_records else []
+    for tally in (train, val):
+        prepared.truncated += tally.n_truncated
+        for key, n in tally.dropped.items():
+            prepared.dropped[key] = prepared.dropped.get(key, 0) + n
+        for key, n in tally.truncated.items():
+            prepared.truncations[key] = prepared.truncations.get(key, 0) + n
+    report = train.sentences("training", section.max_length) + val.sentences("validation", section.max_length)
+    why = "; ".join(f"{n} {cause}" for cause, n in train.dropped.items())
+    fixes = train.fixes()
+    if not prepared.train:
+        raise UserError(f"{section.train}: no usable training examples after tokenization — all {len(records)} rows dropped ({why}; e.g. "
+                        f"{next(iter(train.first.values()))})" + (f" — {' or '.join(fixes)}" if fixes else ""))
+    dropped_train = sum(train.dropped.values())
+    if dropped_train / max(1, len(records)) > section.max_dropped_fraction:
+        raise UserError(
+            f"data: {dropped_train} of {len(records)} training rows would be dropped, more than data.max_dropped_fraction="
+            f"{section.max_dropped_fraction} ({why}; e.g. {next(iter(train.first.values()))}) — "
+            + " or ".join(fixes + ["raise data.max_dropped_fraction to train without them"])
+        )
+    if report:
+        report.append(f"training on {len(prepared.train)} examples" + (f", validating on {len(prepared.validation)}" if val_records else ""))
+    prepared.notes += report
+    for note in prepared.notes:
+        log(note)
+    return prepared
+
+
+def to_dataset(examples: list[Example]):
+    import datasets
+
+    return datasets.Dataset.from_dict({"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]})
+
+
+def to_preference_dataset(pairs: list[PreferencePair]):
+    """The strings TRL's DPOTrainer tokenizes; they already fit data.max_length, so its truncation never fires."""
+    import datasets
+
+    return datasets.Dataset.from_dict({"prompt": [p.prompt for p in pairs], "chosen": [p.chosen for p in pairs],
+                                       "rejected": [p.rejected for p in pairs]})
