@@ -28,10 +28,11 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # fp32 merged vs fp32 base + adapter differ only by float re-association: a few 1e-5 mean |Δlogit| on real
 # bases; a top-1 flip needs a near-tie. A merge that is wrong in any weight is far beyond both.
 FP32_MEAN_TOLERANCE = 1e-3
-FP32_TOP1_SLACK = 0.005
+FP32_TOP1_SLACK = 0.01
 VERIFICATION_FAILED = "VERIFICATION_FAILED"  # marker file in a merged folder that failed its check
 PROMPTS = ["What is your name?", "Explain what a star is in one sentence.", "Write a short poem about the sea.",
-           "List three prime numbers."]
+           "List three prime numbers.", "How do I boil an egg?", "Translate 'good morning' into French.",
+           "Who wrote Hamlet?", "Give me two tips for a job interview."]
 
 
 def base_folder(spec: str) -> Path:
@@ -226,11 +227,10 @@ def verify(merged: Path, adapter: Path, base: Path, base_spec: str, dtype: str, 
 
     The reference is what the merge claims to reproduce: the base weights (as the 4-bit model dequantizes
     them, for a round-trip merge) with the adapter applied by PEFT. Computing both sides in fp32 leaves one
-    legitimate difference: the merged weights rounded to the output dtype. Its size depends on the model
-    (depth, logit scale), so it is measured on the same model and prompts: the reference's base weights are
-    rounded to the output dtype and the logits compared again. The merged model may differ from the
-    reference by at most twice that rounding effect (fp32 output: no rounding, so only float
-    re-association, a few 1e-5 on real bases)."""
+    legitimate difference: the merged weights rounded to the output dtype. How much that moves the logits
+    depends on the model (depth, logit scale), so it is measured on the same model and prompts: PEFT's own
+    merge of the reference, rounded to the output dtype. The merged model may be at most 1.5x as far from
+    the reference as that (fp32 output: no rounding, so only float re-association, ~1e-5 on real bases)."""
     import gc
 
     import torch
@@ -260,24 +260,24 @@ def verify(merged: Path, adapter: Path, base: Path, base_spec: str, dtype: str, 
     rounding = {"max_abs_logit_diff": 0.0, "mean_abs_logit_diff": 0.0, "top1_agreement": 1.0}
     if dtype != "fp32":
         target = getattr(torch, DTYPES[dtype])
+        model = model.merge_and_unload()
         with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_" not in name:
-                    p.copy_(p.to(target).float())
+            for p in model.parameters():
+                p.copy_(p.to(target).float())
         rounding = logit_distance(ref, run_all(model))
     del model
     gc.collect()
     merged_model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32).to(device).eval()
     result = logit_distance(ref, run_all(merged_model))
     del merged_model
-    mean_tol = 2 * rounding["mean_abs_logit_diff"] + FP32_MEAN_TOLERANCE
-    agree_tol = 1 - 2 * (1 - rounding["top1_agreement"]) - FP32_TOP1_SLACK
+    mean_tol = 1.5 * rounding["mean_abs_logit_diff"] + FP32_MEAN_TOLERANCE
+    agree_tol = rounding["top1_agreement"] - FP32_TOP1_SLACK
     quant = "the 4-bit base as dequantized in training" if round_trip else "the original base weights"
     result.update({
         "reference": f"{quant} + adapter (PEFT), fp32 compute; merged model upcast to fp32",
         "rounding_to_output_dtype": rounding,
         "tolerance": {"mean_abs_logit_diff": mean_tol, "top1_agreement": agree_tol,
-                      "rule": "2x the effect of rounding the reference's base weights to the output dtype, "
+                      "rule": "1.5x the effect of rounding PEFT's merge of the reference to the output dtype, "
                               f"plus fp32 slack ({FP32_MEAN_TOLERANCE:g} mean, {FP32_TOP1_SLACK:g} top-1)"},
     })
     result["passed"] = result["mean_abs_logit_diff"] <= mean_tol and result["top1_agreement"] >= agree_tol

@@ -130,7 +130,7 @@ def test_bf16_merge_within_its_measured_rounding(cli, tmp_path, tiny):
     assert res.code == 0, res.text
     check = json.loads((tmp_path / "m" / "merge_report.json").read_text())["verification"]
     rounding = check["rounding_to_output_dtype"]["mean_abs_logit_diff"]
-    assert 0 < rounding and check["tolerance"]["mean_abs_logit_diff"] == 2 * rounding + 1e-3
+    assert 0 < rounding and check["tolerance"]["mean_abs_logit_diff"] == 1.5 * rounding + 1e-3
     assert check["passed"] and check["mean_abs_logit_diff"] <= check["tolerance"]["mean_abs_logit_diff"]
     assert "fp32 compute" in check["reference"]
 
