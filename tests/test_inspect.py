@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -168,3 +169,20 @@ def test_inspect_bad_data_exit_2(cli, tmp_path, tiny):
     p = write_recipe(tmp_path / "r.yaml", {"model": {"base": str(tiny)}, "data": {"train": str(bad)}})
     res = cli("inspect", p)
     assert res.code == 2 and "line 1: invalid JSON" in res.err and "Traceback" not in res.text
+
+
+def test_inspect_dpo_recipe_with_pairs_longer_than_max_length(cli, tmp_path, tiny):
+    """The newcomer's case: a DPO recipe whose pairs exceed max_length showed a negative packed share."""
+    long = " ".join(["the star is red and the moon is cold"] * 12)
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"who {i}", "chosen": long, "rejected": "no"} for i in range(6)])
+    p = write_recipe(tmp_path / "r.yaml", {"model": {"base": str(tiny)}, "data": {"train": str(data), "max_length": 32},
+                                           "training": {"batch_size": 2}, "dpo": {"beta": 0.1}})
+    res = cli("inspect", p, "--json")
+    assert res.code == 0, res.text
+    stats = json.loads(res.out)
+    assert stats["tokens"]["max"] > 32  # the pairs really are longer than max_length
+    assert stats["padding_share"]["packed"] is None and 0 <= stats["padding_share"]["batched"] < 1
+    assert stats["memory_estimate_gib"]["method"] == "dpo"
+    res = cli("inspect", p)
+    row = next(line for line in res.out.splitlines() if "padding" in line)
+    assert res.code == 0 and "packing not used for DPO" in row and not re.search(r"-\d", row)
