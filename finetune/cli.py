@@ -257,6 +257,22 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|peft|trl|accelerate)\b.*")
 
 
+def _recipe_key_hint(exc: Exception) -> str | None:
+    """`finetune sft r.yaml --max-steps 5`: recipe keys are not options, but --set reaches them; name the key."""
+    option = getattr(exc, "option_name", None)
+    ctx = getattr(exc, "ctx", None)
+    if not option or ctx is None or not any(p.name == "set_" for p in ctx.command.params):
+        return None
+    from finetune.recipe import Recipe
+
+    wanted = option.lstrip("-").replace("-", "_")
+    for section, field in Recipe.model_fields.items():
+        model = next((t for t in getattr(field.annotation, "__args__", (field.annotation,)) if hasattr(t, "model_fields")), None)
+        if model is not None and wanted in model.model_fields:
+            return f"Recipe keys are set with --set: --set {section}.{wanted}=VALUE"
+    return None
+
+
 def main() -> None:
     if not debug_enabled() and "--debug" not in sys.argv:
         quiet_libraries()
@@ -285,6 +301,9 @@ def main() -> None:
         # typer 0.29 ships its own copy of click (typer._click) whose exceptions derive from TyperException,
         # not from the separately installed `click` package's ClickException.
         exc.show()  # click's usage line, "Try ... --help", and the message with its suggestions
+        hint = _recipe_key_hint(exc)
+        if hint:
+            typer.echo(hint, err=True)
         sys.exit(2)
     except SystemExit:
         raise

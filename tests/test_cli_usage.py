@@ -161,6 +161,16 @@ def test_suggestion_for_a_misspelt_option(cli):
     assert "No such option: --sett" in res.err and "--set" in res.err.split("No such option: --sett", 1)[1]
 
 
+def test_recipe_key_given_as_an_option_names_the_set_override(cli):
+    res = cli("sft", "r.yaml", "--max-steps", "5")
+    assert res.code == 2 and "No such option: --max-steps" in res.err
+    assert "--set training.max_steps=VALUE" in res.err
+    res = cli("dpo", "r.yaml", "--beta", "0.2")
+    assert res.code == 2 and "--set dpo.beta=VALUE" in res.err
+    res = cli("eval", "m", "--data", "d", "--max-steps", "3")  # eval takes no recipe: no --set hint
+    assert res.code == 2 and "No such option: --max-steps" in res.err and "--set" not in res.err
+
+
 def test_real_entry_point(tmp_path):
     """The installed console entry point, in its own process: exit status and stderr as a shell sees them."""
     import os
