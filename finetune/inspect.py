@@ -103,8 +103,10 @@ def resolve_gradient_checkpointing(recipe: Recipe, device: str, parameters: int,
     return (device == "cuda" and parameters >= 1e9) or (device == "cpu" and method == "dpo")
 
 
-def memory_estimate(recipe: Recipe, cfg, dtype_bytes: int = 2, *, method: str | None = None, device: str | None = None) -> dict:
-    """Peak training memory in GiB, for batches filled to `data.max_length` (the worst case).
+def memory_estimate(recipe: Recipe, cfg, dtype_bytes: int = 2, *, method: str | None = None, device: str | None = None,
+                    length: int | None = None) -> dict:
+    """Peak training memory in GiB, for a batch of examples `length` tokens long (default `data.max_length`,
+    the worst case; batches are padded to their longest example, so the data's longest sets the peak).
 
     weights: the base (4-bit: half a byte per linear weight plus its quantization constants).
     adapters_and_optimizer: LoRA weights, gradients and two AdamW moments, all fp32.
@@ -124,7 +126,7 @@ def memory_estimate(recipe: Recipe, cfg, dtype_bytes: int = 2, *, method: str | 
     weights = p["linear"] * per_linear + (p["parameters"] - p["linear"]) * dtype_bytes
     adapters = p["lora"] * 16  # fp32 weights + gradients + two AdamW moments
     rows = recipe.training.batch_size * (2 if method == "dpo" else 1)
-    tokens = rows * recipe.data.max_length
+    tokens = rows * min(length or recipe.data.max_length, recipe.data.max_length)
     per_layer = 16 * h + 4 * inter  # elements kept per token and layer without checkpointing
     if resolve_gradient_checkpointing(recipe, device, p["parameters"], method):
         act = tokens * (layers * h + per_layer) * dtype_bytes
@@ -202,7 +204,9 @@ def run(recipe: Recipe, *, examples: int = 2, as_json: bool = False) -> None:
     cfg = AutoConfig.from_pretrained(base.path, trust_remote_code=recipe.model.trust_remote_code)
     device = models.pick_device(recipe.model.device)
     dtype_bytes = models.pick_dtype(recipe.model.dtype, device).itemsize
-    stats["memory_estimate_gib"] = memory_estimate(recipe, cfg, dtype_bytes, method=method, device=device)
+    # for this data's longest example; the recipe's max_length is the bound for any data
+    stats["memory_estimate_gib"] = memory_estimate(recipe, cfg, dtype_bytes, method=method, device=device, length=stats["tokens"]["max"])
+    stats["memory_estimate_at_max_length_gib"] = memory_estimate(recipe, cfg, dtype_bytes, method=method, device=device)["total"]
     if as_json:
         print(json.dumps(stats, indent=2))
         return
@@ -219,7 +223,9 @@ def run(recipe: Recipe, *, examples: int = 2, as_json: bool = False) -> None:
     t.add_row("padding", f"{ps['batched']:.1%} at batch {recipe.training.batch_size} · {packed} · 0% padding-free")
     m = stats["memory_estimate_gib"]
     t.add_row("memory estimate", f"{m['total']:.2f} GiB = weights {m['weights']:.2f} + adapters/optimizer {m['adapters_and_optimizer']:.2f} "
-              f"+ activations {m['activations']:.2f} + runtime {m['runtime']:.2f} ({method}, {recipe.model.quantization}, {m['lora_parameters']:,} LoRA parameters)")
+              f"+ activations and logits {m['activations']:.2f} + runtime {m['runtime']:.2f} ({method}, {recipe.model.quantization}, "
+              f"{m['lora_parameters']:,} LoRA parameters) · {stats['memory_estimate_at_max_length_gib']:.2f} GiB for examples of "
+              f"max_length {recipe.data.max_length}")
     console.print(t)
     if prepared.format != "preference":
         console.print("[bold]examples[/] ([bold black on green]trained[/], [dim]not trained[/]):")

@@ -157,7 +157,7 @@ def test_inspect_json_and_render(cli, tmp_path, tiny):
     assert stats["format"] == "messages" and stats["train_examples"] == 6
     assert stats["tokens"]["min"] <= stats["tokens"]["median"] <= stats["tokens"]["p95"] <= stats["tokens"]["max"]
     assert 0 < stats["trained_token_share"] < 1
-    assert stats["memory_estimate_gib"]["total"] > 0
+    assert 0 < stats["memory_estimate_gib"]["total"] <= stats["memory_estimate_at_max_length_gib"]
     res = cli("inspect", p, "-n", "1")
     assert res.code == 0
     assert "my name is pico<|im_end|>" in res.out and "memory estimate" in res.out
@@ -183,6 +183,26 @@ def test_inspect_dpo_recipe_with_pairs_longer_than_max_length(cli, tmp_path, tin
     assert stats["tokens"]["max"] > 32  # the pairs really are longer than max_length
     assert stats["padding_share"]["packed"] is None and 0 <= stats["padding_share"]["batched"] < 1
     assert stats["memory_estimate_gib"]["method"] == "dpo"
+    # the examples are cut at max_length: the estimate for the data is the one for max_length
+    assert stats["memory_estimate_gib"]["total"] == stats["memory_estimate_at_max_length_gib"]
     res = cli("inspect", p)
     row = next(line for line in res.out.splitlines() if "padding" in line)
     assert res.code == 0 and "packing not used for DPO" in row and not re.search(r"-\d", row)
+
+
+def test_dpo_estimate_scales_with_rows_and_length():
+    """SmolLM2-135M's shape (built on the meta device, no weights): DPO's logits term is ten fp32 copies of
+    (2 x batch) rows x length x vocabulary, so it grows linearly with the example length."""
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                      num_key_value_heads=3, tie_word_embeddings=True)
+    r = Recipe.model_validate({"data": {"train": "x", "max_length": 1024}, "training": {"batch_size": 2}, "dpo": {"beta": 0.1},
+                               "model": {"quantization": "none"}})
+    full = inspect_.memory_estimate(r, cfg, 2, device="cpu")
+    short = inspect_.memory_estimate(r, cfg, 2, device="cpu", length=256)
+    assert full["base_parameters"] == 134_515_008  # SmolLM2-135M's real count
+    logits = 10 * (2 * 2) * 1024 * 49152 * 4 / 2**30
+    assert logits < full["activations"] < logits * 1.2
+    assert short["activations"] == pytest.approx(full["activations"] / 4, rel=0.01)
+    assert full["total"] > 8  # the old estimate, one batch of logits and no second row per pair, gave 2.2 GiB here
