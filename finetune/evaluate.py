@@ -104,6 +104,32 @@ def items_for(path: Path, tokenizer, max_length: int, stride: int) -> tuple[str,
     return prepared.format, [(e.input_ids, e.labels) for e in prepared.train]
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Identity of how a tokenizer cuts text into tokens: its vocabulary and merges (plus normalizer and
+    pre-tokenizer for fast tokenizers). Padding, truncation and chat-template settings are left out: they
+    do not change the tokens a text becomes."""
+    import hashlib
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        key = json.dumps({k: spec.get(k) for k in ("model", "normalizer", "pre_tokenizer")}, sort_keys=True)
+    else:
+        key = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+def comparability(results: list[dict]) -> str | None:
+    """Why the perplexities in one table cannot be compared, or None when they can. Perplexity is per
+    token: a model whose tokenizer cuts the same text into fewer, longer tokens scores differently even
+    with the same knowledge of the text."""
+    if len({r["tokenizer"] for r in results}) <= 1:
+        return None
+    which = ", ".join(f"{r['model']} ({r['tokenizer']}, {r['tokens']} tokens)" for r in results)
+    return (f"the models use different tokenizers, so their perplexities per token cannot be compared: {which}. "
+            "Compare models that share a tokenizer (a base with its adapters and merges).")
+
+
 def evaluate_model(spec: str, path: Path, *, max_length: int, stride: int | None, batch_size: int | None,
                    quantization: str | None, dtype: str = "auto", show_progress: bool = True) -> dict:
     loaded, adapter = models.load_any(spec, quantization=quantization, dtype=dtype, log=err.print)
@@ -118,7 +144,7 @@ def evaluate_model(spec: str, path: Path, *, max_length: int, stride: int | None
     wall = time.perf_counter() - start
     nll = total / count
     return {"model": spec, "kind": "adapter" if adapter else "model", "data": str(path), "data_format": kind,
-            "tokens": count, "nll": nll, "perplexity": math.exp(nll), "wall_s": round(wall, 3),
+            "tokenizer": tokenizer_fingerprint(loaded.tokenizer), "tokens": count, "nll": nll, "perplexity": math.exp(nll), "wall_s": round(wall, 3),
             "tokens_per_s": round(count / wall, 1) if wall > 0 else None}
 
 
@@ -134,12 +160,21 @@ def run(specs: list[str], data_path: Path, *, max_length: int, stride: int | Non
         raise UserError(f"{data_path}: data file not found — pass --data with a .txt, .jsonl, .json, .csv or .parquet file")
     results = [evaluate_model(s, data_path, max_length=max_length, stride=stride, batch_size=batch_size,
                               quantization=quantization, dtype=dtype, show_progress=not as_json) for s in specs]
+    why = comparability(results)
+    for r in results:
+        r["comparable"] = why is None
+        if why:
+            r["not_comparable_because"] = why
+    if why:
+        err.print(f"[bold yellow]warning:[/] {why}", soft_wrap=True)
     if as_json:
         print(json.dumps(results, indent=2))
         return
-    t = Table(title=f"perplexity on {data_path}")
-    for col in ("model", "tokens", "mean NLL", "perplexity", "wall (s)", "tokens/s"):
-        t.add_column(col, justify="left" if col == "model" else "right")
+    t = Table(title=f"perplexity on {data_path}" + (" [yellow](different tokenizers: not comparable)[/]" if why else ""))
+    cols = ("model", "tokens", "mean NLL", "perplexity", "wall (s)", "tokens/s") + (("tokenizer",) if why else ())
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("model", "tokenizer") else "right")
     for r in results:
-        t.add_row(r["model"], str(r["tokens"]), f"{r['nll']:.4f}", f"{r['perplexity']:.3f}", f"{r['wall_s']:.2f}", str(r["tokens_per_s"]))
+        t.add_row(r["model"], str(r["tokens"]), f"{r['nll']:.4f}", f"{r['perplexity']:.3f}", f"{r['wall_s']:.2f}", str(r["tokens_per_s"]),
+                  *((r["tokenizer"],) if why else ()))
     Console().print(t)

@@ -17,6 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from finetune import data, models
+from finetune.errors import UserError
 from finetune.recipe import Recipe
 
 console = Console(highlight=False)
@@ -27,8 +28,11 @@ def percentile(values: list[int], q: float) -> int:
     return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
 
 
-def padding_share(lengths: list[int], batch: int) -> float:
-    """Share of padded positions when batches of `batch` examples are padded to their longest member."""
+def padding_share(lengths: list[int], batch: int, max_length: int | None = None) -> float:
+    """Share of padded positions when batches of `batch` examples are padded to their longest member
+    (each example first cut at `max_length`, as training does)."""
+    if max_length is not None:
+        lengths = [min(n, max_length) for n in lengths]
     total = padded = 0
     for i in range(0, len(lengths), batch):
         chunk = lengths[i:i + batch]
@@ -38,7 +42,10 @@ def padding_share(lengths: list[int], batch: int) -> float:
 
 
 def packed_padding_share(lengths: list[int], max_length: int) -> float:
-    """Best-fit-decreasing packing into rows of `max_length` (what TRL's `bfd` strategy does)."""
+    """Unused share of the `max_length` rows that best-fit-decreasing packing fills (TRL's `bfd` strategy).
+    A longer example is cut at `max_length` first: counting its full length made a row hold more than fits,
+    and the share came out negative."""
+    lengths = [min(n, max_length) for n in lengths]
     bins: list[int] = []
     for n in sorted(lengths, reverse=True):
         fits = [i for i, used in enumerate(bins) if used + n <= max_length]
@@ -50,41 +57,92 @@ def packed_padding_share(lengths: list[int], max_length: int) -> float:
     return 1 - sum(lengths) / (len(bins) * max_length) if bins else 0.0
 
 
-def count_params(cfg) -> dict:
-    """Parameter counts of a decoder-only transformer from its config (no weights needed)."""
-    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    h, layers, vocab = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or h // heads
-    kv = getattr(cfg, "num_key_value_heads", None) or heads
-    inter = getattr(cfg, "intermediate_size", None) or 4 * h
-    shapes = {"q_proj": (h, heads * head_dim), "k_proj": (h, kv * head_dim), "v_proj": (h, kv * head_dim),
-              "o_proj": (heads * head_dim, h), "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
-    linear = layers * sum(i * o for i, o in shapes.values())
-    embed = vocab * h * (1 if getattr(cfg, "tie_word_embeddings", False) else 2)
-    return {"linear": linear, "embedding": embed, "norms": layers * 2 * h + h, "shapes": shapes, "layers": layers,
-            "hidden": h, "vocab": vocab, "heads": heads}
+def count_params(cfg, lora=None, trust_remote_code: bool = False) -> dict:
+    """Parameter counts of the model a config describes, and of the LoRA adapters `lora` (a recipe's LoRA
+    section) would add. The model is built on the meta device (shapes only: no memory, no weights read)
+    and PEFT attaches the adapters as training does, so the counts are exact for any architecture
+    (fused QKV projections, tied heads, MoE) instead of guessed from Llama's module names."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, trust_remote_code=trust_remote_code)
+        text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+        head = model.get_output_embeddings()
+        # what bitsandbytes quantizes: every linear layer (GPT-2 style Conv1D included) except the output head
+        linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not head)
+        out = {"parameters": sum(p.numel() for p in model.parameters()), "linear": linear,
+               "hidden": text.hidden_size, "layers": text.num_hidden_layers, "vocab": text.vocab_size,
+               "intermediate": getattr(text, "intermediate_size", None) or 4 * text.hidden_size}
+        if lora is not None:
+            config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, target_modules=lora.target_modules,
+                                use_dora=lora.use_dora, use_rslora=lora.use_rslora, task_type="CAUSAL_LM")
+            try:
+                out["lora"] = get_peft_model(model, config).get_nb_trainable_parameters()[0]
+            except ValueError as exc:
+                raise UserError(f"lora.target_modules: {str(exc).splitlines()[0][:300]} — use all-linear or names such as q_proj, v_proj") from None
+    return out
 
 
-def memory_estimate(recipe: Recipe, cfg, dtype_bytes: int = 2) -> dict:
-    """Rough training memory in GiB: weights, LoRA adapters, their gradients and AdamW state, activations."""
-    p = count_params(cfg)
-    per_weight = {"4bit": 0.5 + 0.5 / 64 * 4 / 8, "8bit": 1.0, "none": dtype_bytes}[recipe.model.quantization]
-    weights = p["linear"] * per_weight + (p["embedding"] + p["norms"]) * dtype_bytes
-    targets = recipe.lora.target_modules
-    names = p["shapes"] if targets == "all-linear" else {k: v for k, v in p["shapes"].items() if k in targets}
-    lora_params = p["layers"] * sum(recipe.lora.r * (i + o) for i, o in names.values())
-    adapters = lora_params * 4 * 4  # fp32 weights + gradients + two AdamW moments
-    tokens = recipe.training.batch_size * recipe.data.max_length
-    gc = recipe.training.gradient_checkpointing is True
-    # ~16 saved activations of width `hidden` per layer per token in 16-bit; one per layer with checkpointing
-    act = tokens * p["hidden"] * p["layers"] * dtype_bytes * (2 if gc else 16)
-    logits = tokens * p["vocab"] * 4 * 2  # fp32 logits and their gradient for the trained positions, at worst all
+# Measured on CPU (tests/test_inspect.py): what the process holds besides the model and its training state
+# (the libraries themselves, those loaded during the run, tokenized data, the trainer). On CUDA the reported
+# peak is the allocator's, which holds none of it.
+RUNTIME_GIB = {"cpu": 0.75, "cuda": 0.0, "mps": 0.0}
+# Measured with TRL 1.16's DPO loss (tests/test_inspect.py): at its peak it holds about ten tensors the size
+# of the full-vocabulary logits of all rows (policy and reference logits, their log-softmax, the gradients).
+DPO_LOGIT_COPIES = 10
+
+
+def resolve_gradient_checkpointing(recipe: Recipe, device: str, parameters: int, method: str) -> bool:
+    """The same choice as speed.choose, from the recipe and the parameter count alone."""
+    gc = recipe.training.gradient_checkpointing
+    if gc != "auto":
+        return gc
+    return (device == "cuda" and parameters >= 1e9) or (device == "cpu" and method == "dpo")
+
+
+def memory_estimate(recipe: Recipe, cfg, dtype_bytes: int = 2, *, method: str | None = None, device: str | None = None,
+                    length: int | None = None) -> dict:
+    """Peak training memory in GiB, for a batch of examples `length` tokens long (default `data.max_length`,
+    the worst case; batches are padded to their longest example, so the data's longest sets the peak).
+
+    weights: the base (4-bit: half a byte per linear weight plus its quantization constants).
+    adapters_and_optimizer: LoRA weights, gradients and two AdamW moments, all fp32.
+    activations: what backward keeps per token and layer (norm, attention and MLP inputs and outputs,
+    LoRA inputs), or only each layer's input plus one recomputed layer with gradient checkpointing.
+    DPO runs chosen and rejected together (twice the rows) and its loss holds full-vocabulary fp32 logits;
+    SFT's loss runs over trained positions in chunks (speed.py), so only a chunk's logits exist at once.
+    runtime: the process around it (see RUNTIME_GIB)."""
+    from finetune.speed import CHUNK
+
+    method = method or ("dpo" if recipe.dpo is not None else "sft")
+    device = device or models.pick_device(recipe.model.device)
+    p = count_params(cfg, recipe.lora, recipe.model.trust_remote_code)
+    h, layers, vocab, inter = p["hidden"], p["layers"], p["vocab"], p["intermediate"]
+    # NF4 with double quantization: 4 bits a weight plus an 8-bit scale per block of 64; int8: a byte plus a row scale
+    per_linear = {"4bit": 0.5 + 1 / 64, "8bit": 1.0 + 4 / h, "none": dtype_bytes}[recipe.model.quantization]
+    weights = p["linear"] * per_linear + (p["parameters"] - p["linear"]) * dtype_bytes
+    adapters = p["lora"] * 16  # fp32 weights + gradients + two AdamW moments
+    rows = recipe.training.batch_size * (2 if method == "dpo" else 1)
+    tokens = rows * min(length or recipe.data.max_length, recipe.data.max_length)
+    per_layer = 16 * h + 4 * inter  # elements kept per token and layer without checkpointing
+    if resolve_gradient_checkpointing(recipe, device, p["parameters"], method):
+        act = tokens * (layers * h + per_layer) * dtype_bytes
+    else:
+        act = tokens * layers * per_layer * dtype_bytes
+    if method == "dpo":
+        head = DPO_LOGIT_COPIES * tokens * vocab * 4
+    else:
+        head = 3 * min(CHUNK, tokens) * vocab * 4 + tokens * h * 4  # one chunk's logits, softmax and gradient
     gib = 2**30
-    est = {"weights": weights / gib, "adapters_and_optimizer": adapters / gib, "activations": (act + logits) / gib}
+    est = {"weights": weights / gib, "adapters_and_optimizer": adapters / gib, "activations": (act + head) / gib,
+           "runtime": RUNTIME_GIB.get(device, 0.0)}
     est["total"] = sum(est.values())
-    est["lora_parameters"] = lora_params
-    est["base_parameters"] = p["linear"] + p["embedding"] + p["norms"]
+    est["lora_parameters"] = p["lora"]
+    est["base_parameters"] = p["parameters"]
+    est["method"] = method
     return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in est.items()}
 
 
@@ -118,8 +176,9 @@ def statistics_for(recipe: Recipe, prepared: data.Prepared, tokenizer) -> dict:
         "truncated": prepared.truncated,
         "dropped": prepared.dropped,
         "trained_token_share": None if trained_share is None else round(trained_share, 4),
-        "padding_share": {"batched": round(padding_share(lengths, b), 4),
-                          "packed": round(packed_padding_share(lengths, recipe.data.max_length), 4),
+        "padding_share": {"batched": round(padding_share(lengths, b, recipe.data.max_length), 4),
+                          # TRL packs SFT data only; preference pairs are never packed
+                          "packed": None if prepared.format == "preference" else round(packed_padding_share(lengths, recipe.data.max_length), 4),
                           "padding_free": 0.0},
         "files": prepared.files,
     }
@@ -143,7 +202,11 @@ def run(recipe: Recipe, *, examples: int = 2, as_json: bool = False) -> None:
     prepared = data.prepare(recipe.data, tokenizer, method, recipe.training.seed, log=log)
     stats = statistics_for(recipe, prepared, tokenizer)
     cfg = AutoConfig.from_pretrained(base.path, trust_remote_code=recipe.model.trust_remote_code)
-    stats["memory_estimate_gib"] = memory_estimate(recipe, cfg)
+    device = models.pick_device(recipe.model.device)
+    dtype_bytes = models.pick_dtype(recipe.model.dtype, device).itemsize
+    # for this data's longest example; the recipe's max_length is the bound for any data
+    stats["memory_estimate_gib"] = memory_estimate(recipe, cfg, dtype_bytes, method=method, device=device, length=stats["tokens"]["max"])
+    stats["memory_estimate_at_max_length_gib"] = memory_estimate(recipe, cfg, dtype_bytes, method=method, device=device)["total"]
     if as_json:
         print(json.dumps(stats, indent=2))
         return
@@ -156,10 +219,13 @@ def run(recipe: Recipe, *, examples: int = 2, as_json: bool = False) -> None:
     if stats["trained_token_share"] is not None:
         t.add_row("trained tokens", f"{stats['trained_token_share']:.1%} of all tokens (train_on: {recipe.data.train_on})")
     ps = stats["padding_share"]
-    t.add_row("padding", f"{ps['batched']:.1%} at batch {recipe.training.batch_size} · {ps['packed']:.1%} packed · 0% padding-free")
+    packed = "packing not used for DPO" if ps["packed"] is None else f"{ps['packed']:.1%} of packed rows unused"
+    t.add_row("padding", f"{ps['batched']:.1%} at batch {recipe.training.batch_size} · {packed} · 0% padding-free")
     m = stats["memory_estimate_gib"]
     t.add_row("memory estimate", f"{m['total']:.2f} GiB = weights {m['weights']:.2f} + adapters/optimizer {m['adapters_and_optimizer']:.2f} "
-              f"+ activations {m['activations']:.2f} ({recipe.model.quantization}, {m['lora_parameters']:,} LoRA parameters)")
+              f"+ activations and logits {m['activations']:.2f} + runtime {m['runtime']:.2f} ({method}, {recipe.model.quantization}, "
+              f"{m['lora_parameters']:,} LoRA parameters) · {stats['memory_estimate_at_max_length_gib']:.2f} GiB for examples of "
+              f"max_length {recipe.data.max_length}")
     console.print(t)
     if prepared.format != "preference":
         console.print("[bold]examples[/] ([bold black on green]trained[/], [dim]not trained[/]):")

@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import toy_rows, write_jsonl, write_recipe
+
 from finetune import evaluate
 
 
@@ -96,13 +96,14 @@ def test_chat_data_scored_on_trained_tokens_matches_training_eval(cli, tmp_path,
     assert res.code == 0, res.text
     base, adapter = json.loads(res.out)
     assert adapter["kind"] == "adapter" and base["kind"] == "model"
+    assert base["comparable"] and adapter["comparable"] and "warning" not in res.err  # an adapter shares its base's tokenizer
     assert adapter["nll"] == pytest.approx(manifest["final_metrics"]["eval_loss"], rel=1e-5)
     assert adapter["nll"] < base["nll"]
     # the trained-token count is exactly what the masks select: "my name is pico<|im_end|>" per row
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny)
-    n = lambda s: len(tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    n = lambda s: len(tok(s, add_special_tokens=False)["input_ids"])
     assert adapter["tokens"] == 4 * n("my name is pico<|im_end|>") + n("a small red star<|im_end|>")
 
 
@@ -122,3 +123,53 @@ def test_eval_bad_inputs(cli, tmp_path, tiny):
     assert res.code == 2 and "its base cannot be loaded" in res.err and "Traceback" not in res.text
     res = cli("eval", "no-such-model", "--data", p)
     assert res.code == 2 and "not found" in res.err
+
+
+def other_tokenizer_model(folder):
+    """A second tiny model whose BPE tokenizer was trained to another vocabulary size on another corpus."""
+    from conftest import CHAT_TEMPLATE, build_model, corpus
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=280, special_tokens=["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus(200, seed=7), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<|im_start|>",
+                                   eos_token="<|im_end|>", pad_token="<|im_end|>")
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+    build_model(folder, fast)
+    return folder
+
+
+def test_different_tokenizers_are_flagged(cli, tmp_path, tiny, text_file):
+    other = other_tokenizer_model(tmp_path / "other")
+    res = cli("eval", tiny, other, "--data", text_file, "--dtype", "fp32", "--json")
+    assert res.code == 0, res.text
+    rows = json.loads(res.out)
+    assert rows[0]["tokenizer"] != rows[1]["tokenizer"] and rows[0]["tokens"] != rows[1]["tokens"]
+    assert [r["comparable"] for r in rows] == [False, False]
+    assert "different tokenizers" in rows[0]["not_comparable_because"] and str(other) in rows[0]["not_comparable_because"]
+    assert "warning:" in res.err and "different tokenizers" in res.err
+    res = cli("eval", tiny, other, "--data", text_file, "--dtype", "fp32")
+    assert res.code == 0, res.text
+    assert "different tokenizers" in res.err and "not comparable" in res.out and "perplexity" in res.out
+
+
+def test_same_tokenizer_is_comparable(cli, tmp_path, tiny, text_file):
+    """A second model with other weights but the same tokenizer files: no warning."""
+    from conftest import build_model
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    tok.save_pretrained(tmp_path / "twin")
+    build_model(tmp_path / "twin", tok, seed=1)
+    res = cli("eval", tiny, tmp_path / "twin", "--data", text_file, "--dtype", "fp32", "--json")
+    assert res.code == 0, res.text
+    rows = json.loads(res.out)
+    assert rows[0]["tokenizer"] == rows[1]["tokenizer"] and [r["comparable"] for r in rows] == [True, True]
+    assert rows[0]["perplexity"] != rows[1]["perplexity"]  # really two models
+    assert "warning" not in res.err and "not_comparable_because" not in rows[0]

@@ -100,3 +100,26 @@ def test_builtin_alias_and_gguf_path_resolve_offline(builtin_cache, monkeypatch)
     cfg = loaded.model.config
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size) == (30, 576, 49152)
     assert loaded.tokenizer.eos_token == "<|im_end|>"
+
+
+@pytest.mark.parametrize("columns", ["80", "200"])
+def test_models_command_never_cuts_paths(tmp_path, columns, monkeypatch):
+    """Paths are printed whole at any terminal width (they were cut with '…' even at 200 columns)."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    cache = tmp_path.joinpath(*["a-cache-folder-with-a-long-name"] * 7)  # longer than either width
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FINETUNE_CACHE": str(cache), "COLUMNS": columns}
+    res = subprocess.run([sys.executable, "-m", "finetune", "models"], capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert res.returncode == 0, res.stderr
+    b = models.BUILTINS["smollm2-135m-instruct"]
+    assert b.alias in res.stdout and "…" not in res.stdout
+    gguf = models.builtin_gguf(b)
+    if gguf is None:
+        assert b.pip in res.stdout
+        return
+    monkeypatch.setenv("FINETUNE_CACHE", str(cache))
+    assert str(gguf) in res.stdout
+    assert str(models.gguf_cache_dir(gguf)) in res.stdout and len(str(models.gguf_cache_dir(gguf))) > int(columns)
