@@ -1,0 +1,120 @@
+"""Run a GGUF file in llama.cpp itself (the `xllamacpp` wheel embeds llama.cpp's own server).
+
+Used by `finetune export` to prove what it wrote: the same prompt gives the same token ids, greedy
+continuations match transformers, and perplexity of the same text agrees. Perplexity needs the
+log-probability of given tokens, which the server does not return for prompt tokens; a grammar made of
+exactly those token ids (`<[id]>`) forces the completion to be the text, and the server reports each
+token's log-probability from the model's raw logits (measured equal to transformers' to ~1e-2 in f16).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import urllib.request
+from pathlib import Path
+
+from finetune.errors import UserError
+
+
+def require() -> None:
+    try:
+        import xllamacpp  # noqa: F401
+    except ImportError:
+        raise UserError("running GGUF files needs llama.cpp's Python wheel — pip install xllamacpp "
+                        "(or `pip install finetune[gguf]`)") from None
+
+
+class Llama:
+    """One llama.cpp server in this process, loaded with one GGUF file (optionally plus a LoRA GGUF)."""
+
+    def __init__(self, path: Path, *, n_ctx: int = 2048, lora: Path | None = None, threads: int | None = None):
+        require()
+        import xllamacpp as x
+
+        p = x.CommonParams()
+        p.model.path = str(path)
+        p.n_ctx = n_ctx
+        p.n_parallel = 1  # one request at a time: results must not depend on batching with other requests
+        p.cpuparams.n_threads = threads or os.cpu_count() or 1
+        p.cpuparams_batch.n_threads = threads or os.cpu_count() or 1
+        p.warmup = False
+        p.verbosity = -1
+        if lora is not None:
+            info = x.CommonAdapterLoraInfo()
+            info.path = str(lora)
+            info.scale = 1.0
+            p.lora_adapters = [info]
+        self.n_ctx = n_ctx
+        try:
+            self.server = x.Server(p)
+        except RuntimeError as exc:  # xllamacpp's only report of a file llama.cpp refuses
+            raise UserError(f"{path}: llama.cpp could not load this file ({exc})") from None
+        self.address = self.server.listening_address
+
+    def _post(self, route: str, body: dict) -> dict:
+        req = urllib.request.Request(self.address + route, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=600) as resp:
+            return json.loads(resp.read())
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of `text` as llama.cpp reads a prompt: special tokens parsed, no BOS added (the chat
+        template writes its own)."""
+        return self._post("/tokenize", {"content": text, "add_special": False, "parse_special": True})["tokens"]
+
+    def complete(self, ids: list[int], n: int, *, ignore_eos: bool = True) -> list[int]:
+        """Greedy continuation of the token ids `ids`."""
+        # the native route returns every token id; the OpenAI-style one drops tokens that end inside a UTF-8 character
+        r = self._post("/completion", {"prompt": ids, "n_predict": n, "temperature": 0, "top_k": 1, "return_tokens": True,
+                                       "ignore_eos": ignore_eos, "cache_prompt": False, "seed": 0})
+        return r["tokens"]
+
+    def chat(self, messages: list[dict], *, max_tokens: int = 256, temperature: float = 0.0, **sampling) -> dict:
+        """One chat turn through llama.cpp's own chat template handling and stop tokens."""
+        body = {"messages": messages, "max_tokens": max_tokens, "temperature": temperature, **sampling}
+        r = self.server.handle_chat_completions(body)
+        self._check(r)
+        return r
+
+    def token_logprobs(self, ids: list[int]) -> list[float]:
+        """log p(ids[i] | ids[:i]) for i >= 1, in windows of the context size (as transformers is scored)."""
+        out: list[float] = []
+        for window in windows(ids, self.n_ctx):
+            grammar = "root ::= " + " ".join(f"<[{t}]>" for t in window[1:])
+            r = self.server.handle_completions({"prompt": window[:1], "max_tokens": len(window) - 1, "grammar": grammar,
+                                                "logprobs": 1, "temperature": 0, "ignore_eos": True, "cache_prompt": False})
+            self._check(r)
+            content = r["choices"][0]["logprobs"]["content"]
+            got = [c["id"] for c in content]
+            if got != window[1:]:
+                # llama.cpp reports no probability for a token that ends inside a UTF-8 character
+                raise UserError("llama.cpp cannot score this text token by token (a token ends inside a multi-byte "
+                                "character) — use plain ASCII text for GGUF perplexity")
+            out += [c["logprob"] for c in content]
+        return out
+
+    @staticmethod
+    def _check(r) -> None:
+        if isinstance(r, dict) and "error" in r:
+            raise RuntimeError(f"llama.cpp: {r['error']}")
+
+    def close(self) -> None:
+        del self.server
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def windows(ids: list[int], n_ctx: int) -> list[list[int]]:
+    """Consecutive windows of at most n_ctx tokens, each starting with the last token of the one before,
+    so every token after the first is scored exactly once."""
+    step = n_ctx - 1
+    return [ids[s:s + step + 1] for s in range(0, len(ids) - 1, step)]
+
+
+def perplexity(logprobs: list[float]) -> float:
+    return math.exp(-sum(logprobs) / max(1, len(logprobs)))
