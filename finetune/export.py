@@ -138,7 +138,7 @@ def kquant_type(name: str, shape: tuple, quant: str, n_layer: int, has_output: b
         return "F32"
     if name == "output.weight" or (not has_output and name == "token_embd.weight"):
         kind = "Q6_K"
-    elif name.endswith("attn_v.weight") or name.endswith("ffn_down.weight"):
+    elif name.endswith(("attn_v.weight", "ffn_down.weight")):
         layer = int(name.split(".")[1])
         kind = more if use_more_bits(layer, n_layer) else main
     else:
@@ -307,7 +307,7 @@ def export_into(source: str, staging: Path, out: Path, quants: list[str], base: 
     if verify_files:
         from finetune import verify_gguf
 
-        verify_gguf.verify_all(folder, staging, files)
+        verify_gguf.verify_all(folder, staging, files, stops)
     for entry in files:
         if entry.get("verification", {}).get("passed") is False:
             (staging / f"{entry['file']}.VERIFICATION_FAILED").write_text(

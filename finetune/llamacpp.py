@@ -63,12 +63,18 @@ class Llama:
         template writes its own)."""
         return self._post("/tokenize", {"content": text, "add_special": False, "parse_special": True})["tokens"]
 
-    def complete(self, ids: list[int], n: int, *, ignore_eos: bool = True) -> list[int]:
-        """Greedy continuation of the token ids `ids`."""
+    def complete(self, ids: list[int], n: int) -> tuple[list[int], bool]:
+        """Greedy continuation of the token ids `ids`, and whether it ended at an end-of-generation token."""
         # the native route returns every token id; the OpenAI-style one drops tokens that end inside a UTF-8 character
         r = self._post("/completion", {"prompt": ids, "n_predict": n, "temperature": 0, "top_k": 1, "return_tokens": True,
-                                       "ignore_eos": ignore_eos, "cache_prompt": False, "seed": 0})
-        return r["tokens"]
+                                       "cache_prompt": False, "seed": 0})
+        return r["tokens"], r.get("stop_type") == "eos"
+
+    def top_logprobs(self, ids: list[int], n: int) -> dict[int, float]:
+        """The n most likely next tokens after `ids`, with their log-probabilities (from the raw logits)."""
+        r = self._post("/completion", {"prompt": ids, "n_predict": 1, "temperature": 0, "n_probs": n, "cache_prompt": False})
+        probs = r.get("completion_probabilities") or [{}]  # none for a token that ends inside a UTF-8 character
+        return {c["id"]: c["logprob"] for c in probs[0].get("top_logprobs", [])}
 
     def chat(self, messages: list[dict], *, max_tokens: int = 256, temperature: float = 0.0, **sampling) -> dict:
         """One chat turn through llama.cpp's own chat template handling and stop tokens."""
