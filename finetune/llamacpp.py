@@ -29,7 +29,8 @@ def require() -> None:
 class Llama:
     """One llama.cpp server in this process, loaded with one GGUF file (optionally plus a LoRA GGUF)."""
 
-    def __init__(self, path: Path, *, n_ctx: int = 2048, lora: Path | None = None, threads: int | None = None):
+    def __init__(self, path: Path, *, n_ctx: int = 2048, lora: Path | None = None, threads: int | None = None,
+                 jinja: bool = False):
         require()
         import xllamacpp as x
 
@@ -41,6 +42,7 @@ class Llama:
         p.cpuparams_batch.n_threads = threads or os.cpu_count() or 1
         p.warmup = False
         p.verbosity = -1
+        p.use_jinja = jinja  # chat through the file's own Jinja template, not llama.cpp's built-in guesses
         if lora is not None:
             info = x.CommonAdapterLoraInfo()
             info.path = str(lora)
@@ -87,18 +89,22 @@ class Llama:
         """log p(ids[i] | ids[:i]) for i >= 1, in windows of the context size (as transformers is scored)."""
         out: list[float] = []
         for window in windows(ids, self.n_ctx):
-            grammar = "root ::= " + " ".join(f"<[{t}]>" for t in window[1:])
-            r = self.server.handle_completions({"prompt": window[:1], "max_tokens": len(window) - 1, "grammar": grammar,
-                                                "logprobs": 1, "temperature": 0, "ignore_eos": True, "cache_prompt": False})
-            self._check(r)
-            content = r["choices"][0]["logprobs"]["content"]
-            got = [c["id"] for c in content]
-            if got != window[1:]:
-                # llama.cpp reports no probability for a token that ends inside a UTF-8 character
-                raise UserError("llama.cpp cannot score this text token by token (a token ends inside a multi-byte "
-                                "character) — use plain ASCII text for GGUF perplexity")
-            out += [c["logprob"] for c in content]
+            out += self.token_logprobs_window(window)
         return out
+
+    def token_logprobs_window(self, window: list[int]) -> list[float]:
+        """log p(window[i] | window[:i]) for i >= 1, in one sequence."""
+        grammar = "root ::= " + " ".join(f"<[{t}]>" for t in window[1:])
+        r = self.server.handle_completions({"prompt": window[:1], "max_tokens": len(window) - 1, "grammar": grammar,
+                                            "logprobs": 1, "temperature": 0, "ignore_eos": True, "cache_prompt": False})
+        self._check(r)
+        content = r["choices"][0]["logprobs"]["content"]
+        got = [c["id"] for c in content]
+        if got != window[1:]:
+            # llama.cpp reports no probability for a token that ends inside a UTF-8 character
+            raise UserError("llama.cpp cannot score this text token by token (a token ends inside a multi-byte "
+                            "character) — use plain ASCII text for GGUF perplexity")
+        return [c["logprob"] for c in content]
 
     @staticmethod
     def _check(r) -> None:
@@ -124,3 +130,78 @@ def windows(ids: list[int], n_ctx: int) -> list[list[int]]:
 
 def perplexity(logprobs: list[float]) -> float:
     return math.exp(-sum(logprobs) / max(1, len(logprobs)))
+
+
+# ---- `finetune chat FILE.gguf` and `finetune eval ... FILE.gguf` ----------------------------------------
+
+
+def is_gguf_file(spec: str) -> bool:
+    p = Path(spec).expanduser()
+    return p.suffix == ".gguf" and p.is_file()
+
+
+def tokenizer(path: Path):
+    """The file's own tokenizer and chat template, read by transformers (the ids llama.cpp uses: checked
+    by `finetune export`)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as exc:  # noqa: BLE001  transformers raises many kinds for a file it cannot read
+        raise UserError(f"{path}: transformers cannot read this file's tokenizer ({str(exc).splitlines()[0][:200]})") from None
+
+
+def score(path: Path, items: list[tuple[list[int], list[int]]], n_ctx: int) -> tuple[float, int]:
+    """Token-weighted NLL over (input_ids, labels) windows, as evaluate.score computes it in transformers:
+    each window is one llama.cpp sequence, positions whose label is -100 are context only."""
+    total, count = 0.0, 0
+    with Llama(path, n_ctx=max(n_ctx, max(len(x) for x, _ in items))) as llm:
+        for ids, labels in items:
+            lps = llm.token_logprobs_window(ids)
+            for lp, label in zip(lps, labels[1:]):
+                if label != -100:
+                    total -= lp
+                    count += 1
+    return total, count
+
+
+def chat(path: Path, *, prompt: str | None, system: str | None, temperature: float | None, top_p: float | None,
+         top_k: int | None, repetition_penalty: float | None, max_new_tokens: int, seed: int | None, as_json: bool) -> None:
+    """Chat with a GGUF in llama.cpp, which renders the file's chat template and stops at its end-of-turn tokens."""
+    import sys
+    import time
+
+    sampling = {k: v for k, v in {"top_p": top_p, "top_k": top_k, "repeat_penalty": repetition_penalty, "seed": seed}.items()
+                if v is not None}
+    messages = [{"role": "system", "content": system}] if system else []
+    with Llama(path, n_ctx=4096, jinja=True) as llm:
+        def answer() -> dict:
+            start = time.perf_counter()
+            r = llm.chat(messages, max_tokens=max_new_tokens, temperature=0.0 if temperature is None else temperature, **sampling)
+            wall = time.perf_counter() - start
+            n = r["usage"]["completion_tokens"]
+            return {"answer": r["choices"][0]["message"]["content"], "finish_reason": r["choices"][0]["finish_reason"],
+                    "prompt_tokens": r["usage"]["prompt_tokens"], "completion_tokens": n,
+                    "tokens_per_s": round(n / wall, 1) if wall > 0 else None}
+
+        if prompt is not None:
+            messages.append({"role": "user", "content": prompt})
+            r = answer()
+            print(json.dumps(r) if as_json else r["answer"])
+            return
+        tty = sys.stdin.isatty()
+        while True:
+            try:
+                line = input("you> " if tty else "").strip()
+            except EOFError:
+                break
+            if line in ("/exit", "/quit"):
+                break
+            if line == "/reset":
+                del messages[int(bool(system)):]
+                continue
+            if line:
+                messages.append({"role": "user", "content": line})
+                r = answer()
+                print(("assistant> " if tty else "") + r["answer"], flush=True)
+                messages.append({"role": "assistant", "content": r["answer"]})

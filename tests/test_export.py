@@ -230,3 +230,24 @@ def test_full_disk_leaves_nothing(cli, tmp_path, tiny, monkeypatch):
     res = cli("export", tiny, "--out", tmp_path / "o", "--quant", "f16")
     assert res.code == 2 and "no space left" in res.err and "Traceback" not in res.text
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))
+
+
+# ---- running an exported file: chat and eval in llama.cpp ------------------------------------------------
+
+
+def test_eval_and_chat_run_the_gguf_in_llamacpp(cli, tmp_path, tiny):
+    from conftest import corpus
+
+    assert cli("export", tiny, "--out", tmp_path / "g", "--quant", "f16", "--no-verify").code == 0
+    gguf_file = tmp_path / "g" / "g-f16.gguf"
+    text = tmp_path / "held.txt"
+    text.write_text("\n".join(corpus(30, seed=5)))
+    res = cli("eval", tiny, gguf_file, "--data", text, "--max-length", "64", "--dtype", "fp32", "--json")
+    assert res.code == 0, res.text
+    hf, gg = json.loads(res.out)
+    assert gg["kind"] == "gguf" and gg["tokens"] == hf["tokens"]  # same text, same windows
+    assert abs(gg["perplexity"] / hf["perplexity"] - 1) < 0.005
+    res = cli("chat", gguf_file, "--prompt", "who are you", "--max-new-tokens", "6", "--json")
+    assert res.code == 0, res.text
+    r = json.loads(res.out)
+    assert 1 <= r["completion_tokens"] <= 6 and r["prompt_tokens"] > 3
