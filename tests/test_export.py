@@ -251,3 +251,29 @@ def test_eval_and_chat_run_the_gguf_in_llamacpp(cli, tmp_path, tiny):
     assert res.code == 0, res.text
     r = json.loads(res.out)
     assert 1 <= r["completion_tokens"] <= 6 and r["prompt_tokens"] > 3
+
+
+@pytest.mark.slow
+def test_quickstart_adapter_exported_chats_in_llamacpp(cli, tmp_path, builtin_cache, monkeypatch):
+    """The README's path: quickstart adapter on the built-in base -> q8_0 and q4_k_m -> chat in llama.cpp."""
+    from conftest import REPO
+
+    monkeypatch.setenv("FINETUNE_CACHE", str(builtin_cache))
+    monkeypatch.chdir(REPO)  # the recipe's data paths are relative to the repository
+    ad = tmp_path / "quickstart"
+    assert cli("sft", "recipes/quickstart.yaml", "--set", f"output.dir={ad}").code == 0
+    out = tmp_path / "gguf"
+    res = cli("export", ad, "--out", out)
+    assert res.code == 0, res.text
+    report = json.loads((out / "export_report.json").read_text())
+    by = {f["quant"]: f for f in report["files"]}
+    assert set(by) == {"q8_0", "q4_k_m"} and by["q8_0"]["verification"]["passed"] is True
+    assert fields(out / "gguf-q8_0.gguf")["finetune.base"] == "smollm2-135m-instruct"
+    for q in ("q8_0", "q4_k_m"):
+        res = cli("chat", out / f"gguf-{q}.gguf", "--prompt", "What is your name?", "--max-new-tokens", "64", "--json")
+        assert res.code == 0, res.text
+        r = json.loads(res.out)
+        assert r["finish_reason"] == "stop", r  # ended at the end-of-turn token, not at the token limit
+        assert "<|im_end|>" not in r["answer"]
+        if q == "q8_0":
+            assert "Pico" in r["answer"], r
