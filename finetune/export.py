@@ -110,7 +110,10 @@ def convert(folder: Path, ftype: str, dest: Path, extra: dict) -> None:
                 return name
 
         m.get_vocab_base_pre = pre
-        add_metadata(m.gguf_writer, extra)
+        writer = m.gguf_writer
+        write_tensors = writer.write_tensors_to_file
+        writer.write_tensors_to_file = lambda progress=False: write_tensors(progress=False)  # no progress bar per file
+        add_metadata(writer, extra)
         m.write()
 
 
