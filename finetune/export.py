@@ -229,8 +229,11 @@ def resolve_source(source: str, staging: Path, base: str | None) -> tuple[Path, 
 
 
 def run(source: str, out: Path, *, quants: list[str], base: str | None = None, overwrite: bool = False,
-        system: str | None = None, verify_files: bool = True) -> dict:
+        system: str | None = None, verify_files: bool = True, lora_gguf: bool = False) -> dict:
     quants = check_quants(quants)
+    p = Path(source).expanduser()
+    if lora_gguf and not (p.is_dir() and models.adapter_info(p) is not None):
+        raise UserError(f"--lora-gguf: `{source}` is not an adapter folder — only an adapter can be written as a GGUF LoRA")
     require_tools()
     if verify_files:
         from finetune import llamacpp
@@ -247,7 +250,7 @@ def run(source: str, out: Path, *, quants: list[str], base: str | None = None, o
     staging.mkdir(parents=True)
     try:
         with artifacts.disk_errors_are_user_errors(out, "--out"):
-            report = export_into(source, staging, out, quants, base, system, verify_files)
+            report = export_into(source, staging, out, quants, base, system, verify_files, lora_gguf)
             if out.exists():
                 shutil.rmtree(out)
             os.replace(staging, out)
@@ -263,7 +266,7 @@ def run(source: str, out: Path, *, quants: list[str], base: str | None = None, o
 
 
 def export_into(source: str, staging: Path, out: Path, quants: list[str], base: str | None, system: str | None,
-                verify_files: bool) -> dict:
+                verify_files: bool, lora_gguf: bool = False) -> dict:
     from finetune import modelfile
 
     folder, origin = resolve_source(source, staging, base)
@@ -300,10 +303,12 @@ def export_into(source: str, staging: Path, out: Path, quants: list[str], base: 
         files.append(entry)
     if f32 is not None:
         f32.unlink()
+    if lora_gguf:
+        files.append(write_lora(source, origin["base"], staging, name, extra))
     mf = modelfile.derive(folder)
     for entry in files:
         stem = entry["file"].removesuffix(".gguf")
-        text = modelfile.render(entry["file"], mf, stops, system, folder)
+        text = modelfile.render(entry.get("base_file", entry["file"]), mf, stops, system, folder, adapter=entry.get("base_file") and entry["file"])
         (staging / f"{stem}.Modelfile").write_text(text)
         entry["modelfile"] = f"{stem}.Modelfile"
         entry["ollama_create"] = f"ollama create {name}-{entry['quant'].replace('_', '-')} -f {out / entry['modelfile']}"
@@ -321,6 +326,21 @@ def export_into(source: str, staging: Path, out: Path, quants: list[str], base: 
     artifacts.write_json(staging / "export_report.json", report)
     (staging / "README.md").write_text(modelfile.readme(name, source, origin, files, stops, out))
     return report
+
+
+def write_lora(adapter: str, base_spec: str, staging: Path, name: str, extra: dict) -> dict:
+    """The adapter alone as a GGUF LoRA, with the f16 base GGUF it applies to."""
+    from finetune import lora_gguf, merge
+
+    start = time.perf_counter()
+    base_file = staging / f"{name}-base-f16.gguf"
+    convert(merge.base_folder(base_spec), "MOSTLY_F16", base_file, {**extra, "general.name": f"{name}-base"})
+    dest = staging / f"{name}-lora.gguf"
+    stats = lora_gguf.write(Path(adapter).expanduser(), merge.base_folder(base_spec), dest, f"{name}-lora", extra)
+    seconds = time.perf_counter() - start
+    err.print(f"wrote {dest.name} ({dest.stat().st_size / 2**20:.1f} MiB) and {base_file.name} ({seconds:.1f} s)")
+    return {"file": dest.name, "quant": "lora", "base_file": base_file.name, "bytes": dest.stat().st_size,
+            "base_bytes": base_file.stat().st_size, "seconds": round(seconds, 2), **stats}
 
 
 def recipe_system(text: str) -> str | None:

@@ -101,8 +101,8 @@ def generation_defaults(folder: Path) -> dict:
     return out
 
 
-def render(gguf_name: str, parts: Parts, stops: list[str], system: str | None, folder: Path) -> str:
-    lines = [f"FROM ./{gguf_name}", ""]
+def render(gguf_name: str, parts: Parts, stops: list[str], system: str | None, folder: Path, adapter: str | None = None) -> str:
+    lines = [f"FROM ./{gguf_name}"] + ([f"ADAPTER ./{adapter}"] if adapter else []) + [""]
     if parts.ok:
         lines += [f'TEMPLATE """{go_template(parts)}"""', ""]
     else:

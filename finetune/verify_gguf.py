@@ -16,8 +16,9 @@ from rich.console import Console
 from finetune.merge import PROMPTS
 
 err = Console(stderr=True, highlight=False)
-PPL_TOLERANCE = {"f32": 0.005, "f16": 0.005, "bf16": 0.005, "q8_0": 0.02}  # relative perplexity difference
-GREEDY_EXACT = ("f32", "f16", "bf16")  # types whose greedy output must match transformers
+# relative perplexity difference; "lora" is an f32 adapter on the f16 base
+PPL_TOLERANCE = {"f32": 0.005, "f16": 0.005, "bf16": 0.005, "q8_0": 0.02, "lora": 0.005}
+GREEDY_EXACT = ("f32", "f16", "bf16", "lora")  # types whose greedy output must match transformers
 GREEDY_TOKENS = 24
 # logit gap under which either of two tokens is a correct greedy choice: a 16-bit file rounds weights by
 # up to 2^-11 (f16) or 2^-8 (bf16) of their size, which moves logits by a few hundredths
@@ -109,7 +110,8 @@ def verify_all(folder: Path, staging: Path, files: list[dict], stop_tokens: list
     ppl_hf = perplexity(hf_logprobs(model, text_ids))
     for entry in files:
         err.print(f"checking {entry['file']} in llama.cpp")
-        with Llama(staging / entry["file"], n_ctx=N_CTX) as llm:
+        lora = staging / entry["file"] if "base_file" in entry else None  # base GGUF + LoRA GGUF, as llama.cpp's --lora
+        with Llama(staging / entry.get("base_file", entry["file"]), n_ctx=N_CTX, lora=lora) as llm:
             tokens_ok = all(llm.tokenize(p) == ids for p, ids in zip(prompts, prompt_ids))
             matched = total = 0
             gaps: list[float] = []

@@ -79,7 +79,7 @@ def test_adapter_export_carries_base_recipe_and_system(cli, tmp_path, tiny):
         "training": {"max_steps": 4, "batch_size": 4, "learning_rate": 2e-2}, "output": {"dir": str(tmp_path / "ad")}})
     assert cli("sft", r).code == 0
     out = tmp_path / "ad-gguf"
-    res = cli("export", tmp_path / "ad", "--out", out, "--quant", "f16")
+    res = cli("export", tmp_path / "ad", "--out", out, "--quant", "f16", "--lora-gguf")
     assert res.code == 0, res.text
     meta = fields(out / "ad-gguf-f16.gguf")
     assert meta["finetune.base"] == str(tiny) and meta["finetune.source"] == "adapter"
@@ -88,6 +88,25 @@ def test_adapter_export_carries_base_recipe_and_system(cli, tmp_path, tiny):
     report = json.loads((out / "export_report.json").read_text())
     assert report["origin"]["kind"] == "adapter" and report["files"][0]["verification"]["passed"] is True
     assert not (out / ".merged").exists()
+    # the adapter alone as a GGUF LoRA: base GGUF + LoRA GGUF in llama.cpp match base + adapter in transformers
+    lora = {f["quant"]: f for f in report["files"]}["lora"]
+    assert lora["verification"]["passed"] is True and lora["verification"]["tokenization_match"]
+    assert lora["adapted_weights"] == 14 and lora["rank"] == 4  # r=4 on every linear layer of 2 blocks
+    meta = fields(out / "ad-gguf-lora.gguf")
+    assert meta["general.type"] == "adapter" and meta["adapter.type"] == "lora"
+    assert meta["adapter.lora.alpha"] == pytest.approx(8.0)
+    assert meta["_types"]["blk.0.attn_q.weight.lora_a"] == "F32" and "blk.1.ffn_down.weight.lora_b" in meta["_types"]
+    mf = (out / "ad-gguf-lora.Modelfile").read_text()
+    assert mf.startswith("FROM ./ad-gguf-base-f16.gguf\nADAPTER ./ad-gguf-lora.gguf")
+    # the check means something only if the adapter moves the model: base alone scores the text differently
+    from finetune.llamacpp import Llama, perplexity
+    from finetune.verify_gguf import TEXT
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(tiny)(TEXT, add_special_tokens=False)["input_ids"]
+    with Llama(out / "ad-gguf-base-f16.gguf", n_ctx=512) as llm:
+        base_ppl = perplexity(llm.token_logprobs(ids))
+    assert abs(base_ppl / lora["verification"]["ppl_llamacpp"] - 1) > 0.02
 
 
 # ---- Ollama's TEMPLATE against the Jinja template ----------------------------------------------------
