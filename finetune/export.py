@@ -211,7 +211,11 @@ def resolve_source(source: str, staging: Path, base: str | None) -> tuple[Path, 
             raise UserError(f"{p}: the adapter names no base — pass --base")
         model_class(merge.base_folder(base_spec))  # refuse an unsupported architecture before merging
         merged = staging / ".merged"
-        merge.run(p, merged, base=base_spec, dtype="fp32", original_weights=False, overwrite=True)
+        try:
+            merge.run(p, merged, base=base_spec, dtype="fp32", original_weights=False, overwrite=True)
+        except RunStopped as exc:
+            raise RunStopped(f"the merge of {p} into {base_spec} did not pass its verification, so nothing was exported "
+                             f"({str(exc).split('(', 1)[-1].split(')')[0]})") from None
         recipe = p / "recipe.yaml"
         return merged, {"kind": "adapter", "adapter": str(p.resolve()), "base": base_spec,
                         "recipe": recipe.read_text() if recipe.is_file() else None}
