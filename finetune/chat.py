@@ -129,6 +129,14 @@ def run(model: str, *, prompt, system, temperature, top_p, top_k, repetition_pen
         prompt = sys.stdin.read().strip()
     if as_json and prompt is None:
         raise UserError("--json needs a one-shot prompt: --prompt TEXT or a prompt on standard input")
+    from finetune import llamacpp
+
+    if llamacpp.is_gguf_file(model):  # a GGUF runs in llama.cpp itself, as it will be used
+        if compare or quantization:
+            raise UserError("--compare and --quantization do not apply to a .gguf file (its weights are already quantized)")
+        llamacpp.chat(Path(model), prompt=prompt, system=system, temperature=temperature, top_p=top_p, top_k=top_k,
+                      repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, seed=seed, as_json=as_json)
+        return
     loaded, adapter = models.load_any(model, quantization=quantization, log=err.print)
     if compare and adapter is None:
         raise UserError(f"--compare needs an adapter folder, and `{model}` is not one")

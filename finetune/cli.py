@@ -182,6 +182,24 @@ def merge(
 
 
 @app.command()
+def export(
+    source: Annotated[str, typer.Argument(help="Adapter folder (merged first), merged folder, or base (alias / folder / .gguf).")],
+    out: Annotated[Path, typer.Option(help="Folder for the GGUF files, Modelfiles, README and export_report.json.")],
+    quant: Annotated[Optional[list[str]], typer.Option(help="f32, f16, bf16, q8_0, q4_k_m, q5_k_m, q6_k (repeatable; default q8_0 and q4_k_m).")] = None,
+    base: Annotated[Optional[str], typer.Option(help="Base of an adapter (default: the adapter's base).")] = None,
+    system: Annotated[Optional[str], typer.Option(help="SYSTEM prompt for the Modelfiles (default: the recipe's system_prompt).")] = None,
+    lora_gguf: Annotated[bool, typer.Option(help="Also write the adapter alone as a GGUF LoRA (llama.cpp --lora), with an f16 base GGUF.")] = False,
+    verify: Annotated[bool, typer.Option(help="Load each file in llama.cpp and compare it with transformers.")] = True,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out folder.")] = False,
+) -> None:
+    """Write GGUF files for llama.cpp and Ollama (with Modelfiles), verified in llama.cpp."""
+    from finetune import export as export_
+
+    export_.run(source, out, quants=quant or [], base=base, overwrite=overwrite, system=system, verify_files=verify,
+                lora_gguf=lora_gguf)
+
+
+@app.command()
 def chat(
     model: Annotated[str, typer.Argument(help="Base alias / folder / .gguf / hub id, adapter folder, or merged folder.")],
     prompt: Annotated[Optional[str], typer.Option(help="One-shot: answer this and exit ('-' reads standard input).")] = None,

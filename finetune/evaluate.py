@@ -132,6 +132,18 @@ def comparability(results: list[dict]) -> str | None:
 
 def evaluate_model(spec: str, path: Path, *, max_length: int, stride: int | None, batch_size: int | None,
                    quantization: str | None, dtype: str = "auto", show_progress: bool = True) -> dict:
+    from finetune import llamacpp
+
+    if llamacpp.is_gguf_file(spec):  # a GGUF is scored in llama.cpp itself: same text, same windows
+        llamacpp.require()
+        tok = llamacpp.tokenizer(Path(spec))
+        data.ensure_chat_template(tok)
+        kind, items = items_for(path, tok, max_length, stride or max_length)
+        start = time.perf_counter()
+        total, count = llamacpp.score(Path(spec), items, max_length)
+        wall = time.perf_counter() - start
+        return {"model": spec, "kind": "gguf", "data": str(path), "data_format": kind, "tokens": count, "nll": total / count,
+                "perplexity": math.exp(total / count), "wall_s": round(wall, 3), "tokens_per_s": round(count / wall, 1) if wall > 0 else None}
     loaded, adapter = models.load_any(spec, quantization=quantization, dtype=dtype, log=err.print)
     data.ensure_chat_template(loaded.tokenizer)
     kind, items = items_for(path, loaded.tokenizer, max_length, stride or max_length)
