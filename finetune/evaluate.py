@@ -142,7 +142,8 @@ def evaluate_model(spec: str, path: Path, *, max_length: int, stride: int | None
         start = time.perf_counter()
         total, count = llamacpp.score(Path(spec), items, max_length)
         wall = time.perf_counter() - start
-        return {"model": spec, "kind": "gguf", "data": str(path), "data_format": kind, "tokens": count, "nll": total / count,
+        return {"model": spec, "kind": "gguf", "data": str(path), "data_format": kind, "tokenizer": tokenizer_fingerprint(tok),
+                "tokens": count, "nll": total / count,
                 "perplexity": math.exp(total / count), "wall_s": round(wall, 3), "tokens_per_s": round(count / wall, 1) if wall > 0 else None}
     loaded, adapter = models.load_any(spec, quantization=quantization, dtype=dtype, log=err.print)
     data.ensure_chat_template(loaded.tokenizer)
@@ -185,7 +186,8 @@ def run(specs: list[str], data_path: Path, *, max_length: int, stride: int | Non
     t = Table(title=f"perplexity on {data_path}" + (" [yellow](different tokenizers: not comparable)[/]" if why else ""))
     cols = ("model", "tokens", "mean NLL", "perplexity", "wall (s)", "tokens/s") + (("tokenizer",) if why else ())
     for col in cols:
-        t.add_column(col, justify="left" if col in ("model", "tokenizer") else "right")
+        # model paths wrap instead of being cut: two GGUF files of one export differ only at their end
+        t.add_column(col, justify="left" if col in ("model", "tokenizer") else "right", overflow="fold")
     for r in results:
         t.add_row(r["model"], str(r["tokens"]), f"{r['nll']:.4f}", f"{r['perplexity']:.3f}", f"{r['wall_s']:.2f}", str(r["tokens_per_s"]),
                   *((r["tokenizer"],) if why else ()))

@@ -54,6 +54,7 @@ class Llama:
         except RuntimeError as exc:  # xllamacpp's only report of a file llama.cpp refuses
             raise UserError(f"{path}: llama.cpp could not load this file ({exc})") from None
         self.address = self.server.listening_address
+        self.eog = end_of_generation_ids(path)
 
     def _post(self, route: str, body: dict) -> dict:
         req = urllib.request.Request(self.address + route, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
@@ -93,18 +94,33 @@ class Llama:
         return out
 
     def token_logprobs_window(self, window: list[int]) -> list[float]:
-        """log p(window[i] | window[:i]) for i >= 1, in one sequence."""
-        grammar = "root ::= " + " ".join(f"<[{t}]>" for t in window[1:])
-        r = self.server.handle_completions({"prompt": window[:1], "max_tokens": len(window) - 1, "grammar": grammar,
-                                            "logprobs": 1, "temperature": 0, "ignore_eos": True, "cache_prompt": False})
-        self._check(r)
-        content = r["choices"][0]["logprobs"]["content"]
-        got = [c["id"] for c in content]
-        if got != window[1:]:
-            # llama.cpp reports no probability for a token that ends inside a UTF-8 character
-            raise UserError("llama.cpp cannot score this text token by token (a token ends inside a multi-byte "
-                            "character) — use plain ASCII text for GGUF perplexity")
-        return [c["logprob"] for c in content]
+        """log p(window[i] | window[:i]) for i >= 1, in one sequence.
+
+        Runs of ordinary tokens are forced by a grammar of their ids. An end-of-generation token (a chat
+        turn's end) cannot be forced that way: llama.cpp's grammar sampler only admits one when the grammar is
+        complete, so it is scored with an empty grammar (only end-of-generation tokens allowed) and the other
+        end-of-generation tokens banned."""
+        out: list[float] = []
+        pos = 1
+        while pos < len(window):
+            if window[pos] in self.eog:
+                run = window[pos:pos + 1]
+                body = {"grammar": 'root ::= ""', "logit_bias": [[t, False] for t in self.eog if t != window[pos]]}
+            else:
+                end = next((i for i in range(pos, len(window)) if window[i] in self.eog), len(window))
+                run = window[pos:end]
+                body = {"grammar": "root ::= " + " ".join(f"<[{t}]>" for t in run)}
+            r = self._post("/completion", {"prompt": window[:pos], "n_predict": len(run), "n_probs": 1, "temperature": 0,
+                                           "return_tokens": True, "cache_prompt": True, **body})
+            self._check(r)
+            probs = r.get("completion_probabilities") or []
+            if [c["id"] for c in probs] != run:
+                # llama.cpp reports no probability for a token that ends inside a UTF-8 character
+                raise UserError("llama.cpp cannot score this text token by token (a token ends inside a multi-byte "
+                                "character) — use plain ASCII text for GGUF perplexity")
+            out += [c["logprob"] for c in probs]
+            pos += len(run)
+        return out
 
     @staticmethod
     def _check(r) -> None:
@@ -119,6 +135,29 @@ class Llama:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# token texts llama.cpp treats as end of generation besides the file's EOS/EOT/EOM ids (llama-vocab.cpp)
+EOG_TEXTS = {"<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>", "_<EOT>",
+             "<｜end▁of▁sentence｜>", "<|return|>", "<|call|>", "<|end_of_text|>", "<|eom_id|>"}
+
+
+def end_of_generation_ids(path: Path) -> set[int]:
+    """Token ids that end generation in llama.cpp, read from the file's metadata."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    ids = set()
+    for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+        field = reader.get_field(key)
+        if field is not None:
+            ids.add(int(field.parts[field.data[0]][0]))
+    tokens = reader.get_field("tokenizer.ggml.tokens")
+    if tokens is not None:
+        for i, idx in enumerate(tokens.data):
+            if bytes(tokens.parts[idx]).decode("utf-8", "replace") in EOG_TEXTS:
+                ids.add(i)
+    return ids
 
 
 def windows(ids: list[int], n_ctx: int) -> list[list[int]]:

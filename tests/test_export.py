@@ -270,6 +270,17 @@ def test_eval_and_chat_run_the_gguf_in_llamacpp(cli, tmp_path, tiny):
     assert res.code == 0, res.text
     r = json.loads(res.out)
     assert 1 <= r["completion_tokens"] <= 6 and r["prompt_tokens"] > 3
+    # chat data: the trained answers end with an end-of-turn token, which llama.cpp scores separately
+    chats = tmp_path / "held.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"who are you {i}"},
+                                                      {"role": "assistant", "content": "my name is pico"},
+                                                      {"role": "user", "content": "and the sky"},
+                                                      {"role": "assistant", "content": "the sky is blue"}]}) + "\n"
+                             for i in range(4)))
+    res = cli("eval", tiny, gguf_file, "--data", chats, "--dtype", "fp32", "--json")
+    assert res.code == 0, res.text
+    hf, gg = json.loads(res.out)
+    assert gg["tokens"] == hf["tokens"] and abs(gg["perplexity"] / hf["perplexity"] - 1) < 0.005
 
 
 @pytest.mark.slow
