@@ -17,6 +17,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from finetune.errors import RunStopped, UserError
 
@@ -306,10 +307,10 @@ def main() -> None:
     except UserError as exc:
         if debug_enabled():
             traceback.print_exc()
-        console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)  # user text may hold [brackets]
         sys.exit(2)
     except RunStopped as exc:
-        console.print(f"[bold red]stopped:[/] {exc}", soft_wrap=True)
+        console.print(f"[bold red]stopped:[/] {escape(str(exc))}", soft_wrap=True)
         sys.exit(1)
     except (typer.Abort, KeyboardInterrupt):
         console.print("[yellow]interrupted[/]")
@@ -332,7 +333,7 @@ def main() -> None:
         where = _crash_log(exc)
         console.quiet = False  # a crash may be one process's alone: every process reports its own
         console.print(f"[process {rank}] " if rank else "", end="")
-        console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc}\nfull traceback: {where} (rerun with --debug to print it)", soft_wrap=True)
+        console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))}\nfull traceback: {where} (rerun with --debug to print it)", soft_wrap=True)
         sys.exit(1)
 
 

@@ -182,3 +182,11 @@ def test_real_entry_point(tmp_path):
         assert res.returncode == 2, res.stderr
         assert piece in res.stderr and "internal error" not in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "cache" / "logs").exists()
+
+
+def test_user_error_text_in_brackets_is_printed(cli, tmp_path):
+    """Messages quote user input verbatim; rich markup must not swallow `[...]` in them."""
+    r = tmp_path / "r.yaml"
+    r.write_text(f"model: {{base: '[my-model]'}}\ndata: {{train: {REPO / 'datasets_local/persona.jsonl'}}}\n")
+    res = cli("inspect", r)
+    assert res.code == 2 and "[my-model]" in res.err
