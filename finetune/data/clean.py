@@ -17,6 +17,7 @@ same input give the same output. Only the cleaned copy is written; the input is 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -148,12 +149,22 @@ def key(turns: list[tuple[str, str]]) -> str:
     return "\n".join(f"{role}: {normalise(text)}" for role, text in turns)
 
 
+@functools.cache
+def _permutations():
+    from datasketch import MinHash
+
+    m = MinHash(num_perm=NUM_PERM, seed=SEED)
+    return m.permutations, m.scheme
+
+
 def minhash(text: str):
     from datasketch import MinHash
 
     words = text.split()
     shingles = {" ".join(words[i:i + 3]) for i in range(len(words) - 2)} or set(words) or {text}
-    m = MinHash(num_perm=NUM_PERM, seed=SEED)
+    # drawing the permutations took most of the time; they depend only on the seed, so they are drawn once
+    permutations, scheme = _permutations()
+    m = MinHash(num_perm=NUM_PERM, seed=SEED, permutations=permutations, scheme=scheme)
     m.update_batch([s.encode("utf-8") for s in sorted(shingles)])
     return m
 
@@ -254,7 +265,9 @@ def analyse(rows: list[Row], validation: list[Row] | None = None, *, columns: di
         seen[k] = r.where
         hashes[r.where] = (len(hashes), m)
         lsh.insert(r.where, m)
-        found = find_secrets(json.dumps(data, ensure_ascii=False))
+        texts: list[str] = []
+        map_strings(data, texts.append)  # only text is searched (and redacted), never numbers or keys
+        found = find_secrets("\n".join(texts))
         if found:
             what = ", ".join(f"{n} {label}{'s' if n > 1 else ''}" for label, n in found.items())
             if redact_secrets:
