@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import write_jsonl, write_recipe
+from conftest import toy_rows, write_jsonl, write_recipe
 
 from finetune.data.read import read_file
 
@@ -189,3 +189,25 @@ def test_scraped_chat_file_cleaned_then_trained(cli, tmp_path, tiny):
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["data"]["files"][0]["path"] == str(tmp_path / "clean.jsonl")
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+def test_inspect_shows_the_same_counts_as_data_clean(cli, tmp_path, tiny):
+    rows = toy_rows(8) + [chat("tell me a story", "the star " * 60), chat("who is bob", "bob@example.org"),
+                          chat("what is the sun", "a star")]
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    val = write_jsonl(tmp_path / "val.jsonl", [chat("what is the sun", "a star")])
+    recipe = write_recipe(tmp_path / "r.yaml", {"model": {"base": str(tiny)},
+                                                "data": {"train": str(data), "validation": str(val), "max_length": 64}})
+    res = cli("inspect", recipe, "--json")
+    assert res.code == 0, res.text
+    expected = {"rows": 11, "kept": 5, "removed": {"duplicate": 4, "overlong": 1, "leak": 1}, "changed": {},
+                "flagged": {"personal data": 1}}
+    assert json.loads(res.out)["clean"] == expected
+    res = cli("data", "clean", recipe, "--out", tmp_path / "clean.jsonl")
+    assert res.code == 0, res.text
+    rep = report_of(tmp_path / "clean.jsonl")
+    assert {k: rep[k] for k in expected} == expected
+    overlong = next(f for f in rep["findings"] if f["reason"] == "overlong")
+    assert overlong["where"] == f"{data} line 9" and overlong["detail"].endswith("tokens, more than 64")
+    res = cli("inspect", recipe)
+    assert "data clean would" in res.out and "removed 4 duplicate, 1 overlong, 1 leak; flagged 1 personal data" in res.out
