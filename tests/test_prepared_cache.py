@@ -82,3 +82,14 @@ def test_inspect_twice_uses_the_cache(cli, tmp_path, tiny):
     second = cli("inspect", p, "-n", "0")
     assert second.code == 0 and "prepared data read from the cache" in second.text
     assert first.out.split("what will be trained")[1] == second.out.split("what will be trained")[1]
+
+
+def test_inspect_after_sft_reads_what_sft_prepared(cli, tmp_path, tiny):
+    data = write_jsonl(tmp_path / "t.jsonl", toy_rows(8))
+    p = write_recipe(tmp_path / "r.yaml", {"model": {"base": str(tiny), "quantization": "none", "dtype": "fp32"},
+                                           "data": {"train": str(data), "max_length": 64},
+                                           "training": {"max_steps": 1, "batch_size": 2}, "output": {"dir": str(tmp_path / "out")}})
+    res = cli("sft", p)
+    assert res.code == 0 and "read from the cache" not in res.text, res.text
+    res = cli("inspect", p, "-n", "0")
+    assert res.code == 0 and "prepared data read from the cache" in res.text, res.text
