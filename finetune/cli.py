@@ -351,8 +351,11 @@ def data_clean(
     overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file and report.")] = False,
     set_: SetOpt = None,
 ) -> None:
-    """Remove duplicates, near duplicates, validation leaks, empty or echoed answers and overlong rows; repair
-    broken encodings; flag or redact personal data. The input file is never modified."""
+    """Write a cleaned copy of a data file and a report of every row removed or changed, with its file:line.
+
+    Removes duplicates, near duplicates, validation leaks, empty or echoed answers, unfinished conversations and
+    overlong rows; repairs broken encodings; flags or redacts personal data and keys. The input is never modified.
+    """
     from finetune.data import clean
 
     clean.run(source, out, validation=validation, threshold=threshold, max_length=max_length, redact_secrets=redact,
