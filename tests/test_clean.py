@@ -67,6 +67,8 @@ def test_each_rule_with_exact_lines(cli, tmp_path):
     assert json.loads(lines[2]) == chat("the café menu", "the café serves tea")
     assert src.read_bytes() == before  # the input is never modified
     assert "train.jsonl line 4" in res.out and "near duplicate" in res.out  # the readable table
+    table = (tmp_path / "clean.jsonl.report.txt").read_text()
+    assert "train.jsonl line 11" in table and "removed: 1 duplicate, 1 near duplicate" in table
 
 
 def test_threshold_is_configurable(cli, tmp_path):

@@ -335,15 +335,15 @@ def check_paths(source: Path, out: Path, overwrite: bool) -> None:
         raise UserError(f"--out {out} is the input file itself — the original is never modified; choose another path")
     if out.suffix != source.suffix:
         raise UserError(f"--out {out}: the cleaned copy keeps the input's format — name it with `{source.suffix}`")
-    for path in (out, report_path(out)):
+    for path in (out, report_path(out), report_path(out, ".txt")):
         if path.exists() and not overwrite:
             raise UserError(f"{path} already exists — pass --overwrite to replace it, or choose another --out")
     if out.parent.exists() and not out.parent.is_dir():
         raise UserError(f"--out {out}: {out.parent} is not a folder")
 
 
-def report_path(out: Path) -> Path:
-    return out.with_name(out.name + ".report.json")
+def report_path(out: Path, suffix: str = ".json") -> Path:
+    return out.with_name(out.name + ".report" + suffix)
 
 
 def clean_file(source: Path, out: Path, *, validation: list[Row] | None = None, columns: dict | None = None, threshold: float = 0.8,
@@ -399,7 +399,7 @@ def run(source: Path, out: Path, *, validation: Path | None, threshold: float, m
         val_rows, _ = read_file(validation)
     report = clean_file(source, out, validation=val_rows, columns=columns, threshold=threshold, max_length=max_length,
                         tokenizer=tokenizer, redact_secrets=redact_secrets, overwrite=overwrite)
-    console = Console(highlight=False)
+    console = Console(highlight=False, record=True)
     table = Table(title=f"{escape(str(source))}: {report.rows} rows, {report.kept} kept")
     for col in ("row", "action", "reason", "detail"):
         table.add_column(col, overflow="fold")
@@ -410,5 +410,9 @@ def run(source: Path, out: Path, *, validation: Path | None, threshold: float, m
     for action in ("removed", "changed", "flagged"):
         if c[action]:
             console.print(f"{action}: " + ", ".join(f"{n} {reason}" for reason, n in c[action].items()))
-    console.print(f"cleaned copy: {escape(str(out))}\nreport: {escape(str(report_path(out)))}", soft_wrap=True)
+    from finetune.artifacts import write_atomic
+
+    write_atomic(report_path(out, ".txt"), console.export_text())  # the table as printed, for reading later
+    console.print(f"cleaned copy: {escape(str(out))}\nreport: {escape(str(report_path(out)))} (table: "
+                  f"{escape(str(report_path(out, '.txt')))})", soft_wrap=True)
     return report
