@@ -337,5 +337,31 @@ def main() -> None:
         sys.exit(1)
 
 
+data_app = typer.Typer(help="Data tools: clean a data file before training on it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("clean")
+def data_clean(
+    source: Annotated[Path, typer.Argument(help="Data file (.jsonl .json .csv .parquet .txt), or a recipe (its data.train file).")],
+    out: Annotated[Path, typer.Option(help="Cleaned copy, in the input's format; the report goes beside it (OUT.report.json).")],
+    validation: Annotated[Optional[Path], typer.Option(help="Validation file: training rows equal or close to its rows are leaks (default: the recipe's).")] = None,
+    threshold: Annotated[float, typer.Option(min=0.01, max=1.0, help="Near-duplicate threshold (estimated Jaccard similarity of word 3-grams).")] = 0.8,
+    max_length: Annotated[Optional[int], typer.Option(min=1, help="Longest row kept: tokens with a recipe (default data.max_length), else characters.")] = None,
+    redact: Annotated[bool, typer.Option(help="Replace e-mail addresses, phone numbers, API keys and private keys instead of only flagging them.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --out file and report.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Write a cleaned copy of a data file and a report of every row removed or changed, with its file:line.
+
+    Removes duplicates, near duplicates, validation leaks, empty or echoed answers, unfinished conversations and
+    overlong rows; repairs broken encodings; flags or redacts personal data and keys. The input is never modified.
+    """
+    from finetune.data import clean
+
+    clean.run(source, out, validation=validation, threshold=threshold, max_length=max_length, redact_secrets=redact,
+              overwrite=overwrite, overrides=set_)
+
+
 if __name__ == "__main__":
     main()

@@ -184,6 +184,28 @@ def statistics_for(recipe: Recipe, prepared: data.Prepared, tokenizer) -> dict:
     }
 
 
+def clean_counts(recipe: Recipe, tokenizer) -> dict:
+    """What `finetune data clean` would remove, change or flag in the training data (nothing is written)."""
+    from finetune.data import clean
+    from finetune.data.read import read as read_rows
+
+    rows, _ = read_rows(recipe.data.train, {})
+    val = read_rows(recipe.data.validation, {})[0] if isinstance(recipe.data.validation, str) else None
+    report, _ = clean.analyse(rows, val, columns=recipe.data.columns, max_length=recipe.data.max_length, tokenizer=tokenizer)
+    return report.counts()
+
+
+def clean_hint(recipe: Recipe, tokenizer) -> str:
+    """For data the trainer refuses: what `finetune data clean` would remove, when it finds anything."""
+    try:
+        removed = clean_counts(recipe, tokenizer)["removed"]
+    except UserError:
+        return ""
+    if not removed:
+        return ""
+    return f" (`finetune data clean` would remove {', '.join(f'{n} {why}' for why, n in removed.items())})"
+
+
 def render_example(tokenizer, example: data.Example) -> Text:
     text = Text()
     for tok, label in zip(example.input_ids, example.labels):
@@ -199,8 +221,12 @@ def run(recipe: Recipe, *, examples: int = 2, as_json: bool = False) -> None:
     base = models.resolve_base(recipe.model.base, log=log)
     tokenizer = models.load_tokenizer(base.path, recipe.model.trust_remote_code)
     method = "dpo" if recipe.dpo is not None else "sft"
-    prepared = data.prepare(recipe.data, tokenizer, method, recipe.training.seed, log=log)
+    try:
+        prepared = data.prepare(recipe.data, tokenizer, method, recipe.training.seed, log=log)
+    except UserError as exc:
+        raise UserError(f"{exc}{clean_hint(recipe, tokenizer)}") from None
     stats = statistics_for(recipe, prepared, tokenizer)
+    stats["clean"] = clean_counts(recipe, tokenizer)
     cfg = AutoConfig.from_pretrained(base.path, trust_remote_code=recipe.model.trust_remote_code)
     device = models.pick_device(recipe.model.device)
     dtype_bytes = models.pick_dtype(recipe.model.dtype, device).itemsize
@@ -221,6 +247,9 @@ def run(recipe: Recipe, *, examples: int = 2, as_json: bool = False) -> None:
     ps = stats["padding_share"]
     packed = "packing not used for DPO" if ps["packed"] is None else f"{ps['packed']:.1%} of packed rows unused"
     t.add_row("padding", f"{ps['batched']:.1%} at batch {recipe.training.batch_size} · {packed} · 0% padding-free")
+    c = stats["clean"]
+    t.add_row("data clean would", "; ".join(f"{a} {', '.join(f'{n} {why}' for why, n in c[a].items())}" for a in ("removed", "changed", "flagged")
+                                            if c[a]) or "change nothing (finetune data clean)")
     m = stats["memory_estimate_gib"]
     t.add_row("memory estimate", f"{m['total']:.2f} GiB = weights {m['weights']:.2f} + adapters/optimizer {m['adapters_and_optimizer']:.2f} "
               f"+ activations and logits {m['activations']:.2f} + runtime {m['runtime']:.2f} ({method}, {recipe.model.quantization}, "

@@ -5,6 +5,8 @@ formats    rows -> conversations, documents or preference pairs; malformed rows 
 template   chat template, assistant spans, loss masks, the template check, end-of-turn ids
 fit        one example into data.max_length (truncation that keeps what is trained) or why it is dropped
 prepare    the whole path for a recipe -> `Prepared` (typed `Example`s or `PreferencePair`s + counts)
+cache      prepared data on disk, keyed by file hashes, tokenizer, template, settings, method and seed
+clean      `finetune data clean`: duplicates, near duplicates, leaks, empty answers, mojibake, personal data
 """
 
 from finetune.data.formats import (

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar, overload
 
-from finetune.data import fit, formats, template
+from finetune.data import cache, fit, formats, template
 from finetune.data.read import read as read_rows
 from finetune.errors import UserError
 from finetune.recipe import DataSection
@@ -102,6 +102,7 @@ class Prepared(Generic[E]):
     dropped: dict[str, int] = field(default_factory=dict)  # cause -> rows, training and validation together
     truncations: dict[str, int] = field(default_factory=dict)  # how -> rows
     notes: list[str] = field(default_factory=list)
+    cache: str = "off"  # hit: read from the prepared-data cache · miss: prepared and stored · off: not cacheable (hub data)
 
 
 def describe_dropped(dropped: dict[str, int]) -> str:
@@ -153,6 +154,24 @@ def prepare(section: DataSection, tokenizer, method: Literal["sft"], seed: int, 
 @overload
 def prepare(section: DataSection, tokenizer, method: Literal["dpo"], seed: int, log: Callable[[str], None] = ...) -> Prepared[PreferencePair]: ...
 def prepare(section: DataSection, tokenizer, method: str, seed: int, log: Callable[[str], None] = print) -> Prepared:
+    digest = cache.key(section, tokenizer, method, seed)
+    hit = cache.load(digest, {"sft": Example, "preference": PreferencePair}) if digest else None
+    if hit is not None:
+        template.ensure_chat_template(tokenizer)  # the trainer and the saved adapter need it, as on a miss
+        meta, train_examples, val_examples = hit
+        prepared = Prepared(**meta["prepared"], train=train_examples, validation=val_examples, cache="hit")
+        for note in prepared.notes + [f"prepared data read from the cache ({cache.root() / digest})"]:
+            log(note)
+        return prepared
+    prepared = _prepare(section, tokenizer, method, seed, log)
+    if digest:
+        summary = {k: v for k, v in prepared.__dict__.items() if k not in ("train", "validation", "cache")}
+        kind = "preference" if prepared.format == "preference" else "sft"
+        prepared.cache = "miss" if cache.store(digest, {"kind": kind, "prepared": summary}, prepared.train, prepared.validation) else "off"
+    return prepared
+
+
+def _prepare(section: DataSection, tokenizer, method: str, seed: int, log: Callable[[str], None]) -> Prepared:
     rows, files = read_rows(section.train, section.columns)
     if isinstance(section.validation, str):
         val_rows, val_files = read_rows(section.validation, section.columns)

@@ -1,0 +1,96 @@
+"""Prepared (tokenized) data on disk, so that a second run, `--resume` and `inspect` after `sft` skip the work.
+
+An entry lives in `cache_root()/prepared/<key>/` and is keyed by everything the result depends on: the bytes
+of every data file (sha256), the tokenizer (its serialised vocabulary, merges and added tokens, special
+tokens and chat template), the data section of the recipe, the method and the seed (which picks a validation
+fraction). Any change gives another key, so an entry is never stale; entries are plain JSON / JSON Lines
+(nothing is unpickled) and written to a temporary folder renamed into place, so a reader never sees half.
+Hub datasets have no file hash to key on and are not cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+FORMAT = 1  # bump when what prepare() produces for the same input changes
+
+
+def root() -> Path:
+    from finetune.models import cache_root
+
+    return cache_root() / "prepared"
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tokenizer_identity(tokenizer) -> str:
+    """A digest of what decides the token ids: the tokenizer itself, its special tokens and its chat template."""
+    from finetune.data.template import DEFAULT_CHAT_TEMPLATE
+
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps([type(tokenizer).__name__, str(tokenizer.special_tokens_map),
+                         tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE,  # prepare() gives a template-less tokenizer this one
+                         getattr(tokenizer, "add_bos_token", None), getattr(tokenizer, "add_eos_token", None)], default=str).encode())
+    return h.hexdigest()
+
+
+def key(section, tokenizer, method: str, seed: int) -> str | None:
+    """The entry for this data, tokenizer and settings, or None when the data cannot be keyed (a hub dataset)."""
+    from finetune.data.read import expand
+
+    files = []
+    for split, spec in (("train", section.train), ("validation", section.validation)):
+        if not isinstance(spec, (str, list)):
+            continue
+        for src in expand(spec):
+            if not isinstance(src, Path):
+                return None
+            files.append([split, str(src), _file_digest(src)])
+    payload = {"format": FORMAT, "files": files, "tokenizer": tokenizer_identity(tokenizer),
+               "data": section.model_dump(mode="json"), "method": method, "seed": seed}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def load(digest: str, example_types: dict):
+    """(metadata, train, validation) of a stored entry, or None when there is none (or it cannot be read)."""
+    folder = root() / digest
+    try:
+        meta = json.loads((folder / "prepared.json").read_text())
+        cls = example_types[meta["kind"]]
+        splits = [[cls(**json.loads(line)) for line in (folder / f"{name}.jsonl").read_text().splitlines() if line]
+                  for name in ("train", "validation")]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # missing or damaged: prepare again and overwrite it
+    return meta, splits[0], splits[1]
+
+
+def store(digest: str, meta: dict, train: list, validation: list) -> Path | None:
+    """Write an entry; a cache that cannot be written (read-only, full disk) only costs the next run the work."""
+    folder = root() / digest
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{digest}."))
+        for name, items in (("train", train), ("validation", validation)):
+            (tmp / f"{name}.jsonl").write_text("".join(json.dumps(asdict(e)) + "\n" for e in items))
+        (tmp / "prepared.json").write_text(json.dumps(meta, indent=1))
+        if folder.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True) if "tmp" in locals() else None
+        return None
+    return folder

@@ -1,0 +1,95 @@
+"""The prepared-data cache: a second prepare is a hit with identical examples; changing the data, the tokenizer's
+chat template or the data settings is a miss; entries are plain JSON; `inspect` says when it used one."""
+
+import copy
+import json
+
+from conftest import CHAT_TEMPLATE, toy_rows, write_jsonl, write_recipe
+
+from finetune.data import cache, prepare
+from finetune.recipe import DataSection
+
+
+def section(tmp_path, **kw) -> DataSection:
+    data = tmp_path / "train.jsonl"
+    if not data.exists():
+        write_jsonl(data, toy_rows(12))
+    return DataSection(train=str(data), validation=0.25, max_length=64, **kw)
+
+
+def quiet(_):
+    pass
+
+
+def test_second_prepare_is_a_hit_with_identical_examples(tmp_path, tiny_tokenizer):
+    s = section(tmp_path)
+    first = prepare(s, tiny_tokenizer, "sft", 42, log=quiet)
+    logged = []
+    second = prepare(s, tiny_tokenizer, "sft", 42, log=logged.append)
+    assert (first.cache, second.cache) == ("miss", "hit")
+    assert second.train == first.train and second.validation == first.validation  # ids, labels, where, truncated
+    assert len(second.train) == 9 and len(second.validation) == 3
+    assert (second.format, second.files, second.rows, second.notes) == (first.format, first.files, first.rows, first.notes)
+    assert logged[:-1] == first.notes and "read from the cache" in logged[-1]
+    entries = list(cache.root().iterdir())
+    assert len(entries) == 1 and sorted(p.name for p in entries[0].iterdir()) == ["prepared.json", "train.jsonl", "validation.jsonl"]
+    rows = [json.loads(line) for line in (entries[0] / "train.jsonl").read_text().splitlines()]
+    assert rows[0]["input_ids"] == first.train[0].input_ids and rows[0]["labels"] == first.train[0].labels
+
+
+def test_changes_are_misses(tmp_path, tiny_tokenizer):
+    s = section(tmp_path)
+    assert prepare(s, tiny_tokenizer, "sft", 42, log=quiet).cache == "miss"
+    assert prepare(s, tiny_tokenizer, "sft", 42, log=quiet).cache == "hit"
+    # the data file changes
+    write_jsonl(tmp_path / "train.jsonl", toy_rows(13))
+    changed = prepare(s, tiny_tokenizer, "sft", 42, log=quiet)
+    assert changed.cache == "miss" and changed.rows == 13
+    # the tokenizer's chat template changes: the examples change with it
+    other = copy.deepcopy(tiny_tokenizer)
+    other.chat_template = CHAT_TEMPLATE.replace("'\n' }}{% endfor %}", "'\n\n' }}{% endfor %}")
+    templated = prepare(s, other, "sft", 42, log=quiet)
+    assert templated.cache == "miss" and templated.train[0].input_ids != changed.train[0].input_ids
+    # max_length, the seed of a validation fraction, and the method
+    assert prepare(s.model_copy(update={"max_length": 32}), tiny_tokenizer, "sft", 42, log=quiet).cache == "miss"
+    assert prepare(s, tiny_tokenizer, "sft", 7, log=quiet).cache == "miss"
+    assert prepare(s, tiny_tokenizer, "sft", 42, log=quiet).cache == "hit"
+    assert len(list(cache.root().iterdir())) == 5
+
+
+def test_preference_pairs_round_trip(tmp_path, tiny_tokenizer):
+    rows = [{"prompt": f"who are you {i}", "chosen": "my name is pico", "rejected": "no"} for i in range(6)]
+    s = DataSection(train=str(write_jsonl(tmp_path / "pairs.jsonl", rows)), max_length=64)
+    first = prepare(s, tiny_tokenizer, "dpo", 42, log=quiet)
+    second = prepare(s, tiny_tokenizer, "dpo", 42, log=quiet)
+    assert second.cache == "hit" and second.train == first.train and second.train[0].length == first.train[0].length
+
+
+def test_damaged_entry_is_prepared_again(tmp_path, tiny_tokenizer):
+    s = section(tmp_path)
+    first = prepare(s, tiny_tokenizer, "sft", 42, log=quiet)
+    (next(cache.root().iterdir()) / "train.jsonl").write_text("{not json\n")
+    again = prepare(s, tiny_tokenizer, "sft", 42, log=quiet)
+    assert again.cache == "miss" and again.train == first.train
+    assert prepare(s, tiny_tokenizer, "sft", 42, log=quiet).cache == "hit"
+
+
+def test_inspect_twice_uses_the_cache(cli, tmp_path, tiny):
+    data = write_jsonl(tmp_path / "t.jsonl", toy_rows(6))
+    p = write_recipe(tmp_path / "r.yaml", {"model": {"base": str(tiny)}, "data": {"train": str(data), "max_length": 64}})
+    first = cli("inspect", p, "-n", "0")
+    assert first.code == 0 and "from the cache" not in first.text, first.text
+    second = cli("inspect", p, "-n", "0")
+    assert second.code == 0 and "prepared data read from the cache" in second.text
+    assert first.out.split("what will be trained")[1] == second.out.split("what will be trained")[1]
+
+
+def test_inspect_after_sft_reads_what_sft_prepared(cli, tmp_path, tiny):
+    data = write_jsonl(tmp_path / "t.jsonl", toy_rows(8))
+    p = write_recipe(tmp_path / "r.yaml", {"model": {"base": str(tiny), "quantization": "none", "dtype": "fp32"},
+                                           "data": {"train": str(data), "max_length": 64},
+                                           "training": {"max_steps": 1, "batch_size": 2}, "output": {"dir": str(tmp_path / "out")}})
+    res = cli("sft", p)
+    assert res.code == 0 and "read from the cache" not in res.text, res.text
+    res = cli("inspect", p, "-n", "0")
+    assert res.code == 0 and "prepared data read from the cache" in res.text, res.text
