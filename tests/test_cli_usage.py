@@ -176,7 +176,7 @@ def test_real_entry_point(tmp_path):
     import os
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "FINETUNE_CACHE": str(tmp_path / "cache")}
-    for args, piece in ((["export"], "No such command 'export'"), (["sft", "r.yaml", "--max-steps", "5"], "No such option: --max-steps"),
+    for args, piece in ((["exprot"], "No such command 'exprot'"), (["sft", "r.yaml", "--max-steps", "5"], "No such option: --max-steps"),
                         (["sft"], "Missing argument"), (["chat", "M", "--temperature", "hot"], "Invalid value for '--temperature'")):
         res = subprocess.run([sys.executable, "-m", "finetune", *args], capture_output=True, text=True, env=env, timeout=120, check=False)
         assert res.returncode == 2, res.stderr

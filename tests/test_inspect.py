@@ -180,7 +180,8 @@ def test_inspect_dpo_recipe_with_pairs_longer_than_max_length(cli, tmp_path, tin
     res = cli("inspect", p, "--json")
     assert res.code == 0, res.text
     stats = json.loads(res.out)
-    assert stats["tokens"]["max"] > 32  # the pairs really are longer than max_length
+    # the pairs really are longer than max_length: the data path cuts every one of them to fit
+    assert stats["truncated"] == 6 and stats["tokens"]["max"] <= 32
     assert stats["padding_share"]["packed"] is None and 0 <= stats["padding_share"]["batched"] < 1
     assert stats["memory_estimate_gib"]["method"] == "dpo"
     # the examples are cut at max_length: the estimate for the data is the one for max_length
