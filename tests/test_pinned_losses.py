@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import toy_rows, write_jsonl, write_recipe
+from helpers import toy_rows, write_jsonl, write_recipe
 
 # recorded from the code before the workflow modules were restructured; change them only with a reason
 SFT_LOSSES = [7.3664093017578125, 5.8793864250183105, 4.6859235763549805, 3.753671169281006, 2.954840660095215]
