@@ -16,7 +16,6 @@ import json
 import os
 import platform
 import random
-import resource
 import shutil
 import statistics
 import subprocess
@@ -61,16 +60,10 @@ def bench_data(folder: Path, n: int = 48, seed: int = 0) -> Path:
 
 
 def peak_mb(device: str) -> float:
-    """Peak memory of this process: allocated on the GPU, or the resident high-water mark on the CPU
-    (VmHWM, which unlike ru_maxrss does not inherit the parent's size across fork + exec)."""
-    if device == "cuda":
-        import torch
+    """Peak memory of this process, measured as the toolkit measures it (finetune/memory.py)."""
+    from finetune.memory import peak_memory
 
-        return torch.cuda.max_memory_allocated() / 2**20
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_memory(device).used_mb
 
 
 class StepTimer:
@@ -149,8 +142,7 @@ def sft_baseline(args) -> dict:
 
 
 def sft_toolkit(args) -> dict:
-    from finetune import data, models, recipe as recipes, sft, train
-    from finetune import speed as speed_mod
+    from finetune import recipe as recipes, sft
 
     r = recipes.Recipe.model_validate({
         "model": {"base": BASE, "quantization": args.quant, "device": args.device},
@@ -159,17 +151,13 @@ def sft_toolkit(args) -> dict:
         "training": {"max_steps": args.steps, "batch_size": args.batch, "learning_rate": 2e-4, "log_every": 1, "seed": 0,
                      "scheduler": "constant", "warmup_ratio": 0.0},
     })
-    loaded = models.load(r.model, log=lambda s: None)
-    prepared = data.prepare(r.data, loaded.tokenizer, "sft", 0, log=lambda s: None)
-    speed = speed_mod.choose(r, loaded, "sft")
-    model = train.attach_lora(r, loaded, speed)
-    speed_mod.apply(loaded.model, model, speed)
     timer = StepTimer()
-    trainer = sft.build(r, loaded, model, prepared, speed, Path(args.work), [timer])
+    built = sft.build(r, Path(args.work), [timer])  # the same steps `finetune sft` runs
+    trainer = built.trainer
     real, padded = real_and_padded_tokens(trainer, args.steps)
     trainer.train()
     return {"times": timer.times, "losses": timer.losses, "real_tokens": real, "padded_tokens": padded,
-            "peak_mb": peak_mb(args.device), "speed": __import__("dataclasses").asdict(speed)}
+            "peak_mb": peak_mb(args.device), "speed": __import__("dataclasses").asdict(built.settings)}
 
 
 def dpo_side(args, toolkit: bool) -> dict:
@@ -179,19 +167,13 @@ def dpo_side(args, toolkit: bool) -> dict:
     rows = [json.loads(l) for l in open(args.data)]
     timer = StepTimer()
     if toolkit:
-        from finetune import data, dpo, models, recipe as recipes, train
-        from finetune import speed as speed_mod
+        from finetune import dpo, recipe as recipes
 
         r = recipes.Recipe.model_validate({
             "model": {"base": BASE, "quantization": args.quant, "device": args.device}, "lora": {"r": 16, "alpha": 32},
             "data": {"train": args.data, "max_length": args.max_length}, "dpo": {},
             "training": {"max_steps": args.steps, "batch_size": args.batch, "log_every": 1, "seed": 0, "warmup_ratio": 0.0}})
-        loaded = models.load(r.model, log=lambda s: None)
-        prepared = data.prepare(r.data, loaded.tokenizer, "dpo", 0, log=lambda s: None)
-        speed = speed_mod.choose(r, loaded, "dpo")
-        model = train.attach_lora(r, loaded, speed)
-        speed_mod.apply(loaded.model, model, speed)
-        trainer = dpo.build(r, loaded, model, prepared, speed, Path(args.work), [timer])
+        trainer = dpo.build(r, Path(args.work), [timer]).trainer  # the same steps `finetune dpo` runs
     else:
         from peft import LoraConfig
         from transformers import AutoModelForCausalLM, AutoTokenizer

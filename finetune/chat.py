@@ -47,7 +47,7 @@ def generation_config(loaded: models.Loaded, folder: Path | None, opts: dict):
     """Defaults from the model's saved generation config; the chat template's end-of-turn always stops."""
     from transformers import GenerationConfig
 
-    from finetune.train import end_of_turn_ids
+    from finetune.turns import end_of_turn_ids
 
     gc = None
     if folder is not None and (folder / "generation_config.json").is_file():

@@ -8,6 +8,7 @@ shows tracebacks instead.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 import time
@@ -72,39 +73,42 @@ AccelerateOpt = Annotated[
 
 
 def _train(method: str, path: Path, set_, overwrite: bool, resume: bool, processes: int | None, accelerate_config: Path | None) -> None:
-    if processes is not None and processes < 1:
-        raise UserError(f"--num-processes must be at least 1 (got {processes})")
+    """The three ways a training command starts (one process; a launch of N workers; one worker of a launch),
+    each running preflight before anything loads."""
     r = _recipe(path, set_, method)
-    from finetune import launch, models, train
+    from finetune import launch, models, preflight, training
 
-    inside = launch.from_environment()
-    if inside is not None:  # a worker started by `accelerate launch` (ours or the user's)
-        if not launch.is_main():
-            train.console.quiet = True  # process 0 speaks for everyone
-        if processes or accelerate_config:
-            raise UserError("--num-processes / --accelerate-config start a launch; under `accelerate launch` leave them out "
-                            "and pass --num_processes / --config_file to accelerate instead")
-        launch.check(r, inside, models.pick_device(r.model.device))
-        train.run(r, method, overwrite=overwrite, resume=resume)
+    inside = launch.from_environment()  # a worker started by `accelerate launch` (ours or the user's)
+    if inside is not None and (processes or accelerate_config):
+        raise UserError("--num-processes / --accelerate-config start a launch; under `accelerate launch` leave them out "
+                        "and pass --num_processes / --config_file to accelerate instead")
+    if inside is not None and not launch.is_main():
+        training.console.quiet = True  # process 0 speaks for everyone
+    plan_launch = inside or launch.from_config(accelerate_config, processes)
+    rerun = rerun_command(method, path, set_, plan_launch.processes, accelerate_config)
+    plan = preflight.preflight(r, method, plan_launch, resume=resume, overwrite=overwrite, rerun=rerun, log=training.console.print)
+    if inside is None and (plan_launch.processes > 1 or accelerate_config is not None):
+        models.resolve_base(r.model.base, training.console.print)  # converts a built-in/.gguf base once, not once per process
+        training.console.print(f"[bold]launching {plan_launch.processes} processes[/] "
+                               f"({plan_launch.kind}{', ' + plan_launch.config_file if plan_launch.config_file else ''})")
+        code = launch.relaunch(plan_launch, plan.device, launch.worker_command(method, path, set_, overwrite, resume))
+        if code:
+            raise SystemExit(code)
         return
-    if (processes or 1) == 1 and accelerate_config is None:
-        train.run(r, method, overwrite=overwrite, resume=resume)
-        return
-    plan = launch.from_config(accelerate_config, processes)
-    device = models.pick_device(r.model.device)
-    launch.check(r, plan, device)
-    # what would fail in every worker is checked once, here: output folder, resume point, the base itself
-    from finetune import artifacts
+    workflow = importlib.import_module(f"finetune.{method}")  # finetune/sft.py, finetune/dpo.py: one module per method
+    workflow.run(r, plan)
 
-    out = r.output_dir()
-    artifacts.prepare_output(out, overwrite=overwrite, resume=resume)
-    if resume and train.latest_checkpoint(out) is None:
-        raise UserError(f"{out}: no complete checkpoint to resume from — run without --resume (training.save_every makes checkpoints)")
-    models.resolve_base(r.model.base, train.console.print)  # converts a built-in/.gguf base once, not once per process
-    train.console.print(f"[bold]launching {plan.processes} processes[/] ({plan.kind}{', ' + plan.config_file if plan.config_file else ''})")
-    code = launch.relaunch(plan, device, launch.worker_command(method, path, set_, overwrite, resume))
-    if code:
-        raise SystemExit(code)
+
+def rerun_command(method: str, path: Path, overrides: list[str] | None, processes: int, accelerate_config: Path | None) -> str:
+    """The command line that continues this run after a stop (shown on Ctrl-C)."""
+    import shlex
+
+    args = ["finetune", method, str(path), *[f"--set={s}" for s in overrides or []], "--resume"]
+    if processes > 1:
+        args += ["--num-processes", str(processes)]
+    if accelerate_config:
+        args += ["--accelerate-config", str(accelerate_config)]
+    return shlex.join(args)
 
 
 @app.command()

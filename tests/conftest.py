@@ -2,68 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
-import random
 from pathlib import Path
 
 import pytest
 
+# plain helpers, re-exported for the test modules that import them from here
+from helpers import REPO, build_model, build_tokenizer, corpus, toy_rows, write_jsonl, write_recipe  # noqa: F401
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-REPO = Path(__file__).resolve().parents[1]
-
-# ChatML with generation tags around what the assistant says, so transformers can mark assistant tokens
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
-    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-WORDS = ("the a star planet moon sun sky night light ring comet red blue cold hot big small name is my "
-         "you are who what pico hello yes no how many eight one two three four five six seven rock ice gas").split()
-
-
-def corpus(n: int = 400, seed: int = 0) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 14))) for _ in range(n)]
-
-
-def build_tokenizer(folder: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus() + ["user assistant system\n"] * 20, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<|im_start|>",
-                                   eos_token="<|im_end|>", pad_token="<|im_end|>")
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(folder)
-    return fast
-
-
-def build_model(folder: Path, tokenizer, hidden: int = 32, seed: int = 0):
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
-                         initializer_range=0.3)  # large enough that a frozen random head can express a peaked answer
-    model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
-                                               pad_token_id=config.pad_token_id)
-    model.save_pretrained(folder)
-    return model
-
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Path:
@@ -92,24 +41,6 @@ def _isolated(tmp_path, monkeypatch):
     """Each test runs in its own folder with its own cache, so outputs never collide."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def write_recipe(path: Path, tree: dict) -> Path:
-    import yaml
-
-    path.write_text(yaml.safe_dump(tree, sort_keys=False))
-    return path
-
-
-def toy_rows(n: int = 16) -> list[dict]:
-    """A learnable task: the answer repeats a fixed phrase."""
-    return [{"messages": [{"role": "user", "content": f"who are you {i % 4}"},
-                          {"role": "assistant", "content": "my name is pico"}]} for i in range(n)]
 
 
 class Result:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, write_jsonl, write_recipe
+from helpers import REPO, write_jsonl, write_recipe
 
 WORDS = "the star planet moon sun sky night light ring comet red blue".split()
 

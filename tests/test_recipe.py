@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, write_recipe
+from helpers import REPO, write_recipe
 from finetune import recipe as recipes
 from finetune.errors import UserError
 

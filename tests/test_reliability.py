@@ -19,7 +19,7 @@ from typing import Callable
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import REPO, toy_rows, write_jsonl, write_recipe  # noqa: E402
+from helpers import REPO, toy_rows, train, write_jsonl, write_recipe  # noqa: E402
 
 PREF = {"prompt": "who", "chosen": "pico", "rejected": "no"}
 ACCEL = REPO / "recipes" / "accelerate"
@@ -65,18 +65,16 @@ def sft_with_data(name: str, content: str, **data):
 
 def adapter(tmp: Path, tiny: Path) -> Path:
     """A finished adapter folder for the merge / eval / chat cases (trained once per test)."""
-    from finetune import train
     from finetune.recipe import load
 
-    r = load(recipe(tmp, tiny, output={"dir": str(tmp / "ad")}))
-    train.run(r, "sft")
+    train(load(recipe(tmp, tiny, output={"dir": str(tmp / "ad")})), "sft")
     return tmp / "ad"
 
 
 def other_base(tmp: Path, tiny: Path) -> Path:
     from transformers import AutoTokenizer
 
-    from conftest import build_model
+    from helpers import build_model
 
     build_model(tmp / "other", AutoTokenizer.from_pretrained(tiny), hidden=48)
     return tmp / "other"
@@ -96,6 +94,17 @@ def pickle_base(t: Path, m: Path) -> Path:
     return folder
 
 
+def truncated_base(t: Path, m: Path) -> Path:
+    """A base folder whose weights file was cut short, as an interrupted download leaves it."""
+    import shutil
+
+    folder = t / "truncated"
+    shutil.copytree(m, folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    return folder
+
+
 def orphan_adapter(t: Path) -> Path:
     """An adapter folder whose base folder no longer exists."""
     (t / "ad").mkdir()
@@ -104,10 +113,9 @@ def orphan_adapter(t: Path) -> Path:
 
 
 def resumed_with_change(t, m):
-    from finetune import train
     from finetune.recipe import load
 
-    train.run(load(recipe(t, m, training={"save_every": 1})), "sft")
+    train(load(recipe(t, m, training={"save_every": 1})), "sft")
     return ["sft", t / "r.yaml", "--resume", "--set", "lora.r=8"]
 
 
@@ -177,6 +185,8 @@ CASES = [
     Case("base-missing", "base model that does not exist", "base model `no-such-model` not found", lambda t, m: ["sft", recipe(t, m, model={"base": "no-such-model"})]),
     Case("base-pickle", "base whose weights are pickle files", "has no safetensors weights",
          lambda t, m: ["sft", recipe(t, m, model={"base": str(pickle_base(t, m))})]),
+    Case("base-truncated", "base whose weights file is truncated (an interrupted download)", "model.safetensors is truncated",
+         lambda t, m: ["sft", recipe(t, m, model={"base": str(truncated_base(t, m))})]),
     Case("adapter-not-adapter", "model.adapter that is not an adapter folder", "model.adapter:",
          lambda t, m: (t / "notad").mkdir() or ["sft", recipe(t, m, model={"adapter": str(t / "notad")})]),
     Case("target-modules", "LoRA target modules the model does not have", "lora.target_modules:",
@@ -245,11 +255,34 @@ def test_at_least_forty_distinct_cases():
     assert len({c.id for c in CASES}) == len(CASES) >= 40
 
 
+# training mistakes that only the loaded base or the tokenizer can reveal; every other one is refused before loading
+NEEDS_THE_MODEL = {"target-modules", "data-all-dropped"}
+
+
+@pytest.fixture
+def model_loads(monkeypatch):
+    """Records every base load of a training command (the seam: finetune.models.load)."""
+    from finetune import models
+
+    calls = []
+    real = models.load
+
+    def load(*a, **k):
+        calls.append(a[0].base if a else k)
+        return real(*a, **k)
+
+    monkeypatch.setattr(models, "load", load)
+    return calls
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_bad_input(case, cli, tmp_path, tiny):
+def test_bad_input(case, cli, tmp_path, tiny, model_loads):
     args = case.args(tmp_path, tiny)
+    model_loads.clear()  # a case may train an adapter to set itself up
     before = snapshot(tmp_path)
     res = cli(*args)
+    if args[0] in ("sft", "dpo") and case.id not in NEEDS_THE_MODEL:
+        assert model_loads == [], f"{case.id}: refused only after loading the base"
     assert res.code == 2, res.text
     assert case.expect in res.err, res.err
     assert "Traceback" not in res.text

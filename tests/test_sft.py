@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shlex
 import signal
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import toy_rows, write_jsonl, write_recipe
+from helpers import toy_rows, train, write_jsonl, write_recipe
 
 
 def recipe(tmp_path: Path, tiny: Path, quant="none", **training):
@@ -72,19 +73,12 @@ def test_adapter_loads_in_plain_peft(cli, tmp_path, tiny):
 
 
 def test_completion_masks_reach_the_trainer(tmp_path, tiny):
-    from finetune import data, models, recipe as recipes, sft, train
-    from finetune import speed as speed_mod
+    from finetune import recipe as recipes, sft
 
-    r = recipes.load(recipe(tmp_path, tiny))
-    loaded = models.load(r.model, log=lambda s: None)
-    prepared = data.prepare(r.data, loaded.tokenizer, "sft", 0, log=lambda s: None)
-    speed = speed_mod.choose(r, loaded, "sft")
-    model = train.attach_lora(r, loaded, speed)
-    speed_mod.apply(loaded.model, model, speed)
-    trainer = sft.build(r, loaded, model, prepared, speed, tmp_path / "ck", [])
-    batch = next(iter(trainer.get_train_dataloader()))
+    built = sft.build(recipes.load(recipe(tmp_path, tiny)), tmp_path / "ck")
+    batch = next(iter(built.trainer.get_train_dataloader()))
     trained = batch["labels"][batch["labels"] != -100]
-    decoded = loaded.tokenizer.decode(trained)
+    decoded = built.loaded.tokenizer.decode(trained)
     assert decoded == "my name is pico<|im_end|>" * 4  # exactly the assistant turns, nothing of the prompts
 
 
@@ -99,39 +93,46 @@ def test_overwrite_protection(cli, tmp_path, tiny):
     assert not (out / "keep.txt").exists()
 
 
-def test_resume_equals_uninterrupted(cli, tmp_path, tiny):
+def interrupt_at(step: int):
+    """A real SIGINT (what Ctrl-C sends), delivered at the start of a step."""
+    from transformers import TrainerCallback
+
+    class Interrupt(TrainerCallback):
+        def on_step_begin(self, a, state, control, **k):
+            if state.global_step == step:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    return Interrupt()
+
+
+def test_resume_equals_uninterrupted(cli, tmp_path, tiny, capsys):
+    from finetune import recipe as recipes
+    from finetune.cli import rerun_command
+
     straight = recipe(tmp_path, tiny, max_steps=6, save_every=3)
     assert cli("sft", straight, "--set", f"output.dir={tmp_path / 'a'}").code == 0
-    # Ctrl-C at step 3 (a real SIGINT, delivered by a callback), then --resume
-    from finetune import train
-
-    original = train.make_callbacks
-
-    def with_interrupt(*args, **kw):
-        from transformers import TrainerCallback
-
-        class Interrupt(TrainerCallback):
-            def on_step_begin(self, a, state, control, **k):
-                if state.global_step == 2:
-                    os.kill(os.getpid(), signal.SIGINT)
-
-        return original(*args, **kw) + [Interrupt()]
-
-    train.make_callbacks = with_interrupt
-    try:
-        res = cli("sft", straight, "--set", f"output.dir={tmp_path / 'b'}")
-    finally:
-        train.make_callbacks = original
-    assert res.code == 130, res.text
-    assert "--resume" in res.err
+    # Ctrl-C at step 3, then the command the message gives to continue
+    overrides = [f"output.dir={tmp_path / 'b'}"]
+    with pytest.raises(SystemExit) as stopped:
+        train(recipes.load(straight, overrides), "sft", [interrupt_at(2)], rerun=rerun_command("sft", straight, overrides, 1, None))
+    assert stopped.value.code == 130
+    err = capsys.readouterr().err
     assert (tmp_path / "b" / "checkpoints" / "checkpoint-3" / "finetune-complete").is_file()
     assert not (tmp_path / "b" / "adapter_model.safetensors").exists()
-    res = cli("sft", straight, "--set", f"output.dir={tmp_path / 'b'}", "--resume")
+    hint = err.split("continue with: ")[1].split("\n")[0].strip()
+    args = shlex.split(hint)
+    assert args == ["finetune", "sft", str(straight), f"--set=output.dir={tmp_path / 'b'}", "--resume"], hint
+    res = cli(*args[1:])
     assert res.code == 0, res.text
     a, b = lora_tensors(tmp_path / "a"), lora_tensors(tmp_path / "b")
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    # the resumed process ran steps 4-6: its examples/s counts those steps over its own training time
+    summary = json.loads((tmp_path / "b" / "manifest.json").read_text())["summary"]
+    assert summary["steps"] == 6 and summary["steps this run"] == 3
+    assert summary["examples/s"] == pytest.approx(3 * 4 / summary["train time (s)"], rel=0.05)
+    assert not (tmp_path / "b" / "checkpoints" / "README.md").exists()  # no generic card among the checkpoints
 
 
 def test_resume_refuses_changed_recipe_and_skips_incomplete(cli, tmp_path, tiny):
@@ -146,30 +147,21 @@ def test_resume_refuses_changed_recipe_and_skips_incomplete(cli, tmp_path, tiny)
     assert "skipping incomplete checkpoint" in res.err
 
 
-def test_non_finite_loss_stops_and_keeps_checkpoint(cli, tmp_path, tiny):
-    from finetune import train
+def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path, tiny):
+    from transformers import TrainerCallback
 
-    original = train.make_callbacks
+    from finetune import recipe as recipes
+    from finetune.errors import RunStopped
 
-    def poison(*args, **kw):
-        from transformers import TrainerCallback
+    class Poison(TrainerCallback):
+        def on_step_begin(self, a, state, control, model=None, **k):
+            if state.global_step == 3:
+                with torch.no_grad():
+                    next(p for n, p in model.named_parameters() if "lora_A" in n).fill_(float("nan"))
 
-        class Poison(TrainerCallback):
-            def on_step_begin(self, a, state, control, model=None, **k):
-                if state.global_step == 3:
-                    with torch.no_grad():
-                        next(p for n, p in model.named_parameters() if "lora_A" in n).fill_(float("nan"))
-
-        return original(*args, **kw) + [Poison()]
-
-    train.make_callbacks = poison
-    try:
-        res = cli("sft", recipe(tmp_path, tiny, max_steps=6, save_every=2))
-    finally:
-        train.make_callbacks = original
-    assert res.code == 1
-    assert "not finite" in res.err and "checkpoint-2" in res.err
-    assert "Traceback" not in res.text
+    with pytest.raises(RunStopped) as stopped:
+        train(recipes.load(recipe(tmp_path, tiny, max_steps=6, save_every=2)), "sft", [Poison()])
+    assert "not finite" in str(stopped.value) and "checkpoint-2" in str(stopped.value)
     assert (tmp_path / "out" / "checkpoints" / "checkpoint-2" / "finetune-complete").is_file()
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
 
@@ -204,11 +196,11 @@ def test_packing_dora_rslora_and_tensorboard(cli, tmp_path, tiny):
 def test_divergence_warning(tmp_path, capsys):
     from types import SimpleNamespace
 
-    from finetune import train
+    from finetune import training
     from finetune.recipe import Recipe
 
     r = Recipe.model_validate({"data": {"train": "x"}, "training": {"diverge_factor": 2.0}})
-    (cb,) = train.make_callbacks(r, tmp_path, [], {})
+    cb = training.progress_callback(r, tmp_path, [], training.StopFlag(), None)
     st = SimpleNamespace(max_steps=10, global_step=0)
     cb.on_train_begin(None, st, None)
     for step, loss in enumerate([2.0, 1.0, 1.5, 2.5], 1):
@@ -218,3 +210,13 @@ def test_divergence_warning(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "loss 2.500 is over 2.0x its lowest (1.000)" in err
     assert err.count("may be diverging") == 1
+
+
+def test_redirected_output_gets_plain_progress_lines(cli, tmp_path, tiny):
+    """With stderr not a terminal (CI, nohup, a notebook) a plain line appears every training.log_every steps."""
+    res = cli("sft", recipe(tmp_path, tiny, max_steps=6, log_every=2))
+    assert res.code == 0, res.text
+    lines = [line for line in res.err.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["2/6", "4/6", "6/6"], res.err
+    assert all(" loss " in line for line in lines)
+    assert "\x1b[" not in res.err  # no terminal control codes in a log file
