@@ -225,6 +225,27 @@ def models() -> None:
     Console().print("Also accepted as model.base: a local HF folder, a .gguf file, or a hub id (owner/name).")
 
 
+@app.command()
+def serve(
+    models_: Annotated[list[str], typer.Argument(metavar="MODEL [ADAPTER ...]", help="A base, adapter folders (served on their base, loaded once), merged folders; NAME=PATH names one.")],
+    host: Annotated[str, typer.Option(help="Address to bind; anything but 127.0.0.1/localhost needs --api-key or --no-auth.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(help="Require `Authorization: Bearer KEY` on every API request (or set FINETUNE_API_KEY).")] = None,
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="Allow a non-local --host without an API key.")] = False,
+    engine: Annotated[str, typer.Option(help="transformers (built in) or vllm (hands the base and adapters to vLLM's server).")] = "transformers",
+    dtype: Annotated[str, typer.Option(help="auto, bf16, fp16 or fp32.")] = "auto",
+    quantization: Annotated[Optional[str], typer.Option(help="Override how bases load: 4bit, 8bit or none.")] = None,
+    max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for (and the default).")] = 1024,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body accepted.")] = 1 << 20,
+    max_batch: Annotated[int, typer.Option(help="Most requests generated together in one batch.")] = 8,
+) -> None:
+    """OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and a web chat page at /."""
+    from finetune.serving import server
+
+    server.run(models_, host=host, port=port, api_key=api_key, no_auth=no_auth, engine=engine, dtype=dtype,
+               quantization=quantization, max_tokens=max_tokens, max_body_bytes=max_body_bytes, max_batch=max_batch)
+
+
 def _crash_log(exc: BaseException) -> Path:
     from finetune.models import cache_root
 
