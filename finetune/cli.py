@@ -187,11 +187,14 @@ def chat(
     top_p: Annotated[Optional[float], typer.Option()] = None,
     top_k: Annotated[Optional[int], typer.Option()] = None,
     repetition_penalty: Annotated[Optional[float], typer.Option()] = None,
-    max_new_tokens: Annotated[int, typer.Option()] = 256,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="[default: 256]")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
     quantization: Annotated[Optional[str], typer.Option(help="Override how the base loads: 4bit, 8bit or none.")] = None,
     compare: Annotated[bool, typer.Option(help="Answer with the base and with the adapter, side by side.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One-shot: print the answer with token counts and speed as JSON.")] = False,
+    config: Annotated[Optional[Path], typer.Option(help="YAML file of generation settings (the flags' names; flags win).")] = None,
+    history_turns: Annotated[Optional[int], typer.Option(help="Keep at most this many past exchanges in the prompt.")] = None,
+    history_tokens: Annotated[Optional[int], typer.Option(help="Keep the prompt within this many tokens (oldest turns go first).")] = None,
 ) -> None:
     """Talk to a base, an adapter or a merged model, streaming."""
     from finetune import chat as chat_
@@ -199,7 +202,8 @@ def chat(
     chat_.run(
         model, prompt=prompt, system=system, temperature=temperature, top_p=top_p, top_k=top_k,
         repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, seed=seed,
-        quantization=quantization, compare=compare, as_json=as_json,
+        quantization=quantization, compare=compare, as_json=as_json, config=config,
+        history_turns=history_turns, history_tokens=history_tokens,
     )
 
 
@@ -244,6 +248,17 @@ def serve(
 
     server.run(models_, host=host, port=port, api_key=api_key, no_auth=no_auth, engine=engine, dtype=dtype,
                quantization=quantization, max_tokens=max_tokens, max_body_bytes=max_body_bytes, max_batch=max_batch)
+
+
+@app.command()
+def info(
+    model: Annotated[str, typer.Argument(help="Base alias / folder / .gguf, adapter folder, or merged folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the facts as JSON.")] = False,
+) -> None:
+    """Architecture, parameters, dtype, context, vocabulary, chat template; for an adapter its base, rank, targets, recipe."""
+    from finetune import info as info_
+
+    info_.run(model, as_json=as_json)
 
 
 def _crash_log(exc: BaseException) -> Path:
