@@ -244,9 +244,17 @@ def test_api_key_checked_on_every_request(tiny, tmp_path):
             s.client("wrong-key-0000").models.list()
         assert [m.id for m in s.client("s3cret-key-123").models.list().data] == [tiny.name]
         assert s.request("GET", "/")[0] == 200  # the page itself holds no secrets; it sends the key it is given
+        # SIGTERM while an answer is streaming: a clean shutdown all the same
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=60)
+        conn.request("POST", "/v1/completions", json.dumps({"model": tiny.name, "prompt": "the red star", "max_tokens": 400,
+                                                            "stream": True}),
+                     {"Content-Type": "application/json", "Authorization": "Bearer s3cret-key-123"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.readline().startswith(b"data: ")
     finally:
-        assert s.stop() == 0  # SIGTERM: a clean shutdown
-    assert "server stopped" in s.log.read_text() and "Traceback" not in s.log.read_text()
+        assert s.stop() == 0
+    log = s.log.read_text()
+    assert "server stopped" in log and "Traceback" not in log and "terminate called" not in log
 
 
 def test_refusals_before_loading(cli, tiny, tmp_path):

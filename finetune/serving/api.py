@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Literal
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -101,16 +101,17 @@ def create_app(engine: Engine, limits: Limits):
     async def _bug(request, exc: Exception):  # never a traceback to the client; the server keeps serving
         return fail(APIError(500, f"internal error: {type(exc).__name__}", "server_error"))
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if limits.api_key and request.url.path.startswith("/v1/"):
-            got = request.headers.get("authorization", "")
-            scheme, _, token = got.partition(" ")
+    async def check_key(request: Request) -> None:
+        """A dependency of every /v1 route (not an HTTP middleware: Starlette's BaseHTTPMiddleware hides client
+        disconnects from the endpoint and turns shutdown cancellations into logged tracebacks)."""
+        if limits.api_key:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
             # compare_digest: the time taken does not reveal how much of the key matched
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), limits.api_key.encode()):
-                return fail(APIError(401, "invalid or missing API key — send `Authorization: Bearer KEY`",
-                                     "authentication_error", code="invalid_api_key"))
-        return await call_next(request)
+                raise APIError(401, "invalid or missing API key — send `Authorization: Bearer KEY`", "authentication_error",
+                               code="invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
 
     async def read_json(request: Request, schema):
         declared = request.headers.get("content-length")
@@ -231,41 +232,45 @@ def create_app(engine: Engine, limits: Limits):
         return StreamingResponse(events_out(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.get("/v1/models")
+    @v1.get("/models")
     async def list_models():
         return {"object": "list", "data": [
             {"id": name, "object": "model", "created": created, "owned_by": "finetune",
              "kind": "adapter" if s.adapter else "model", "source": s.source, "context_length": s.context}
             for name, s in engine.models.items()]}
 
-    @app.get("/v1/models/{name:path}")
+    @v1.get("/models/{name:path}")
     async def one_model(name: str):
         if name not in engine.models:
             raise APIError(404, f"the model `{name}` does not exist", code="model_not_found", param="model")
         return {"id": name, "object": "model", "created": created, "owned_by": "finetune"}
 
-    @app.post("/v1/chat/completions")
+    @v1.post("/chat/completions")
     async def chat_completions(request: Request):
         req = await read_json(request, ChatRequest)
         served = served_for(req)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": _text(m.content)} for m in req.messages]
         try:
-            ids = served.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+            with served.lock:
+                ids = served.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
         except Exception as exc:  # a template may reject an order of roles (e.g. two user turns in a row)
             raise APIError(400, f"the model's chat template rejected these messages: {exc}", param="messages") from None
         return await run(request, req, served, list(ids), "chat")
 
-    @app.post("/v1/completions")
+    @v1.post("/completions")
     async def completions(request: Request):
         req = await read_json(request, CompletionRequest)
         served = served_for(req)
         prompt = req.prompt if isinstance(req.prompt, str) else (req.prompt[0] if len(req.prompt) == 1 else None)
         if prompt is None:
             raise APIError(400, "send one prompt per request (a list of several prompts is not supported)", param="prompt")
-        ids = served.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        with served.lock:
+            ids = served.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         if not ids:
             raise APIError(400, "prompt is empty", param="prompt")
         return await run(request, req, served, list(ids), "completion")
+
+    app.include_router(v1)
 
     @app.get("/health")
     async def health():

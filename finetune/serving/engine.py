@@ -36,6 +36,9 @@ class Served:
     eos_ids: list[int]
     context: int
     source: str  # what the user passed
+    # one fast tokenizer is not safe to use from the request handlers and the generate thread at once
+    # (the Rust side raises "Already borrowed"): both sides take this lock
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass
@@ -122,6 +125,9 @@ class Engine:
         def register(name: str, served: Served) -> None:
             if name in self.models:
                 raise UserError(f"two models are both called `{name}` — name them apart with NAME=PATH")
+            for other in self.models.values():  # names sharing one tokenizer object share its lock
+                if other.tokenizer is served.tokenizer:
+                    served.lock = other.lock
             self.models[name] = served
 
         def context_of(loaded) -> int:
@@ -162,15 +168,41 @@ class Engine:
     def start(self) -> None:
         self.thread.start()
 
-    def stop(self) -> None:
+    def begin_shutdown(self) -> None:
+        """Running answers end at their next token and queued ones get an error, so that open streams close by
+        themselves within the server's graceful-shutdown time."""
         self.stopping.set()
         self.queue.put(None)
+
+    def stop(self, timeout_s: float = 60) -> None:
+        """Stop generating (a running batch ends at its next step) and wait for the worker, so that the
+        interpreter never shuts down underneath a running torch op."""
+        self.stopping.set()
+        self.queue.put(None)
+        if self.thread.is_alive():
+            self.thread.join(timeout_s)
 
     def submit(self, job: Job) -> None:
         self.queue.put(job)
 
     def _loop(self) -> None:
         pending: list[Job] = []
+        try:
+            self._serve(pending)
+        finally:  # shutting down: whoever still waits gets an answer instead of waiting for ever
+            while True:
+                try:
+                    job = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    pending.append(job)
+            for j in pending:
+                if j.finish is None:
+                    j.finish = "error"
+                    j.emit({"error": "the server is shutting down"})
+
+    def _serve(self, pending: list[Job]) -> None:
         while not self.stopping.is_set():
             if not pending:
                 job = self.queue.get()
@@ -195,12 +227,12 @@ class Engine:
                 if job is None:
                     return
                 pending.append(job)
-            pending = [j for j in pending if not self._drop_cancelled(j)]
+            pending[:] = [j for j in pending if not self._drop_cancelled(j)]
             if not pending:
                 continue
             key = pending[0].key()
             batch = [j for j in pending if j.key() == key][: self.max_batch]
-            pending = [j for j in pending if j not in batch]
+            pending[:] = [j for j in pending if j not in batch]
             try:
                 self._run(batch)
             except Exception as exc:  # one failing batch must not take the server down
@@ -273,7 +305,8 @@ class Engine:
                 job.tokens.append(tok)
                 return finish(job, "stop", counted=True)
             job.tokens.append(tok)
-            job.text = job.served.tokenizer.decode(job.tokens, skip_special_tokens=True)
+            with job.served.lock:
+                job.text = job.served.tokenizer.decode(job.tokens, skip_special_tokens=True)
             for s in job.stop:
                 at = job.text.find(s)
                 if at >= 0:
@@ -292,7 +325,9 @@ class Engine:
 
         def finish(job: Job, reason: str, counted: bool = False) -> None:
             job.finish = reason
-            if reason == "cancelled":
+            if reason == "cancelled" and stopping.is_set():
+                reason = job.finish = "length"  # cut short by the shutdown: the client still gets a proper end
+            elif reason == "cancelled":
                 self.stats["cancelled"] += 1
                 self.log(f"request for {job.served.name} stopped: client went away after {len(job.tokens)} tokens")
             if len(job.text) > job.sent and reason != "cancelled":

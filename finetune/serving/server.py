@@ -78,7 +78,12 @@ def run(specs: list[str], *, host: str, port: int, api_key: str | None, no_auth:
     # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, so the process would die by the signal;
     # handling them here gives the same shutdown, then a normal exit (0) with the engine stopped
     server.capture_signals = contextlib.nullcontext
-    previous = {s: signal.signal(s, server.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def on_signal(sig, frame):
+        eng.begin_shutdown()
+        server.handle_exit(sig, frame)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.run()
     finally:
