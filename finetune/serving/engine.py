@@ -92,7 +92,7 @@ def parse_spec(spec: str) -> tuple[str | None, str]:
 
 class Engine:
     def __init__(self, specs: list[str], *, dtype: str = "auto", quantization: str | None = None,
-                 max_batch: int = 8, batch_window_s: float = 0.01, log=print):
+                 max_batch: int = 8, batch_window_s: float = 0.05, log=print):
         self.max_batch, self.batch_window_s, self.log = max_batch, batch_window_s, log
         self.models: dict[str, Served] = {}
         self.queue: queue.Queue[Job | None] = queue.Queue()
