@@ -1,7 +1,13 @@
 """`finetune chat MODEL`: streaming chat with a base, an adapter or a merged model.
 
 One-shot: `finetune chat adapters/quickstart --prompt "What is your name?"` prints only the answer.
-Interactive: commands /reset, /system TEXT, /save FILE, /exit; Ctrl-C stops the current answer.
+Interactive: commands /reset, /system TEXT, /save FILE, /load FILE, /exit; Ctrl-C stops the current answer.
+Generation settings come from flags, or from a YAML file (`--config chat.yaml`, flags win), e.g.
+    temperature: 0.7
+    max_new_tokens: 200
+    system: You are Pico.
+    history_turns: 8        # keep the last 8 exchanges
+    history_tokens: 1500    # and at most 1500 prompt tokens
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.console import Console
 
 from finetune import models
@@ -26,21 +33,85 @@ err = Console(stderr=True, highlight=False)
 class Session:
     system: str | None = None
     turns: list[dict] = field(default_factory=list)
+    dropped: int = 0  # turns dropped so far to fit the history window
 
     def messages(self) -> list[dict]:
         return ([{"role": "system", "content": self.system}] if self.system else []) + self.turns
 
 
-def fit_history(tokenizer, session: Session, context: int, reserve: int) -> list[dict]:
-    """Drop the oldest turns (whole user/assistant exchanges) until the prompt plus the answer fits; the
-    system prompt and the newest user turn always stay."""
+class Settings(BaseModel):
+    """Generation settings of `finetune chat`, from --config YAML and flags (flags win)."""
+
+    model_config = ConfigDict(extra="forbid")
+    system: str | None = None
+    temperature: float | None = Field(default=None, ge=0, description="0 means greedy")
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    max_new_tokens: int = Field(default=256, ge=1)
+    seed: int | None = None
+    history_turns: int | None = Field(default=None, ge=0, description="keep at most this many past user/assistant exchanges")
+    history_tokens: int | None = Field(default=None, ge=1, description="keep the prompt within this many tokens")
+
+
+def settings(config: Path | None, flags: dict) -> Settings:
+    tree: dict = {}
+    if config is not None:
+        import yaml
+
+        if not config.is_file():
+            raise UserError(f"--config {config}: file not found")
+        try:
+            tree = yaml.safe_load(config.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"--config {config}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(tree, dict):
+            raise UserError(f"--config {config}: expected keys such as temperature: 0.7, max_new_tokens: 200")
+    tree.update({k: v for k, v in flags.items() if v is not None})
+    try:
+        return Settings.model_validate(tree)
+    except ValidationError as exc:
+        where = f"--config {config}" if config else "options"
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise UserError(f"{where}: {problems} — allowed keys: {', '.join(Settings.model_fields)}") from None
+
+
+def fit_history(tokenizer, session: Session, context: int, reserve: int, *, max_turns: int | None = None,
+                max_tokens: int | None = None) -> list[dict]:
+    """Drop the oldest turns (whole user/assistant exchanges) until the prompt plus the answer fits the context,
+    and the history window (`max_turns` past exchanges, `max_tokens` prompt tokens) holds; the system prompt
+    and the newest user turn always stay. Returns the messages; `session.dropped` counts what went."""
+    limit = context - reserve if max_tokens is None else min(context - reserve, max_tokens)
+    if max_turns is not None:
+        past = len(session.turns) - 1  # every turn before the newest user message
+        extra = past - 2 * max_turns
+        if extra > 0:
+            session.dropped += extra
+            del session.turns[:extra]
     while True:
         msgs = session.messages()
         n = len(tokenizer.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True, return_dict=False))
-        if n + reserve <= context or len(session.turns) <= 1:
+        if n <= limit or len(session.turns) <= 1:
             return msgs
         drop = 2 if len(session.turns) > 2 and session.turns[1]["role"] == "assistant" else 1
+        session.dropped += drop
         del session.turns[:drop]
+
+
+def load_conversation(path: Path) -> Session:
+    """Read a conversation saved by /save (a list of messages) or by the web page ({"messages": [...]})."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read ({exc.strerror})") from None
+    except ValueError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc})") from None
+    msgs = data.get("messages") if isinstance(data, dict) else data
+    if not isinstance(msgs, list) or not all(isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
+                                             and isinstance(m.get("content"), str) for m in msgs):
+        raise UserError(f"{path}: expected a list of {{role: system|user|assistant, content: text}} messages")
+    system = msgs[0]["content"] if msgs and msgs[0]["role"] == "system" else None
+    return Session(system=system, turns=[dict(role=m["role"], content=m["content"]) for m in msgs if m["role"] != "system"])
 
 
 def generation_config(loaded: models.Loaded, folder: Path | None, opts: dict):
@@ -120,11 +191,15 @@ def _stats_line(r: dict) -> None:
 
 
 def run(model: str, *, prompt, system, temperature, top_p, top_k, repetition_penalty, max_new_tokens, seed,
-        quantization, compare, as_json) -> None:
-    if max_new_tokens < 1:
+        quantization, compare, as_json, config: Path | None = None, history_turns: int | None = None,
+        history_tokens: int | None = None) -> None:
+    if max_new_tokens is not None and max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
     if temperature is not None and temperature < 0:
         raise UserError("--temperature must be 0 (greedy) or more")
+    st = settings(config, dict(system=system, temperature=temperature, top_p=top_p, top_k=top_k,
+                               repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, seed=seed,
+                               history_turns=history_turns, history_tokens=history_tokens))
     if prompt == "-" or (prompt is None and not sys.stdin.isatty() and as_json):
         prompt = sys.stdin.read().strip()
     if as_json and prompt is None:
@@ -140,22 +215,25 @@ def run(model: str, *, prompt, system, temperature, top_p, top_k, repetition_pen
     loaded, adapter = models.load_any(model, quantization=quantization, log=err.print)
     if compare and adapter is None:
         raise UserError(f"--compare needs an adapter folder, and `{model}` is not one")
-    if seed is not None:
+    if st.seed is not None:
         from transformers import set_seed
 
-        set_seed(seed)
+        set_seed(st.seed)
     from finetune.data import ensure_chat_template
 
     ensure_chat_template(loaded.tokenizer)
     folder = Path(adapter["folder"]) if adapter else (Path(model) if Path(model).is_dir() else None)
-    gc = generation_config(loaded, folder, dict(temperature=temperature, top_p=top_p, top_k=top_k,
-                                                  repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens))
+    gc = generation_config(loaded, folder, st.model_dump())
     context = getattr(loaded.model.config, "max_position_embeddings", 4096) or 4096
-    session = Session(system=system)
+    session = Session(system=st.system)
+
+    def fit():
+        return fit_history(loaded.tokenizer, session, context, st.max_new_tokens, max_turns=st.history_turns,
+                           max_tokens=st.history_tokens)
 
     if prompt is not None:
         session.turns.append({"role": "user", "content": prompt})
-        msgs = fit_history(loaded.tokenizer, session, context, max_new_tokens)
+        msgs = fit()
         if compare:
             with loaded.model.disable_adapter():
                 base_r = generate(loaded, msgs, gc)
@@ -178,11 +256,11 @@ def run(model: str, *, prompt, system, temperature, top_p, top_k, repetition_pen
         sys.stdout.write("\n")
         _stats_line(r)
         return
-    interactive(loaded, session, gc, context, max_new_tokens)
+    interactive(loaded, session, gc, fit)
 
 
-def interactive(loaded, session: Session, gc, context: int, max_new_tokens: int) -> None:
-    err.print("[dim]chat: /reset, /system TEXT, /save FILE, /exit · Ctrl-C stops an answer[/]")
+def interactive(loaded, session: Session, gc, fit) -> None:
+    err.print("[dim]chat: /reset, /system TEXT, /save FILE, /load FILE, /exit · Ctrl-C stops an answer[/]")
     stop = threading.Event()
     previous = signal.getsignal(signal.SIGINT)
     tty = sys.stdin.isatty()
@@ -213,13 +291,31 @@ def interactive(loaded, session: Session, gc, context: int, max_new_tokens: int)
                     if not arg.strip():
                         err.print("[red]usage: /save FILE[/]")
                         continue
-                    Path(arg.strip()).write_text(json.dumps(session.messages(), indent=2) + "\n")
+                    try:
+                        Path(arg.strip()).write_text(json.dumps(session.messages(), indent=2) + "\n")
+                    except OSError as exc:
+                        err.print(f"[red]cannot save to {arg.strip()}: {exc.strerror}[/]")
+                        continue
                     err.print(f"[dim]saved to {arg.strip()}[/]")
+                elif cmd == "/load":
+                    if not arg.strip():
+                        err.print("[red]usage: /load FILE[/]")
+                        continue
+                    try:
+                        loaded_session = load_conversation(Path(arg.strip()))
+                    except UserError as exc:
+                        err.print(f"[red]{exc}[/]")
+                        continue
+                    session.system, session.turns, session.dropped = loaded_session.system, loaded_session.turns, 0
+                    err.print(f"[dim]loaded {len(session.turns)} messages from {arg.strip()}[/]")
                 else:
-                    err.print(f"[red]unknown command {cmd}[/] — /reset, /system TEXT, /save FILE, /exit")
+                    err.print(f"[red]unknown command {cmd}[/] — /reset, /system TEXT, /save FILE, /load FILE, /exit")
                 continue
             session.turns.append({"role": "user", "content": line})
-            msgs = fit_history(loaded.tokenizer, session, context, max_new_tokens)
+            before = session.dropped
+            msgs = fit()
+            if session.dropped > before:  # say so rather than forget silently
+                err.print(f"[dim]({session.dropped - before} older messages left out to fit the history window)[/]")
             stop.clear()
             signal.signal(signal.SIGINT, lambda *_: stop.set())
             print("assistant> " if tty else "", end="", flush=True)

@@ -213,11 +213,14 @@ def chat(
     top_p: Annotated[Optional[float], typer.Option()] = None,
     top_k: Annotated[Optional[int], typer.Option()] = None,
     repetition_penalty: Annotated[Optional[float], typer.Option()] = None,
-    max_new_tokens: Annotated[int, typer.Option(min=1)] = 256,
+    max_new_tokens: Annotated[Optional[int], typer.Option(min=1, help="[default: 256]")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
     quantization: Annotated[Optional[Quantization], typer.Option(help="Override how the base loads.")] = None,
     compare: Annotated[bool, typer.Option(help="Answer with the base and with the adapter, side by side.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="One-shot: print the answer with token counts and speed as JSON.")] = False,
+    config: Annotated[Optional[Path], typer.Option(help="YAML file of generation settings (the flags' names; flags win).")] = None,
+    history_turns: Annotated[Optional[int], typer.Option(min=0, help="Keep at most this many past exchanges in the prompt.")] = None,
+    history_tokens: Annotated[Optional[int], typer.Option(min=1, help="Keep the prompt within this many tokens (oldest turns go first).")] = None,
 ) -> None:
     """Talk to a base, an adapter or a merged model, streaming."""
     from finetune import chat as chat_
@@ -225,7 +228,8 @@ def chat(
     chat_.run(
         model, prompt=prompt, system=system, temperature=temperature, top_p=top_p, top_k=top_k,
         repetition_penalty=repetition_penalty, max_new_tokens=max_new_tokens, seed=seed,
-        quantization=quantization, compare=compare, as_json=as_json,
+        quantization=quantization, compare=compare, as_json=as_json, config=config,
+        history_turns=history_turns, history_tokens=history_tokens,
     )
 
 
@@ -250,6 +254,38 @@ def models() -> None:
         note = "" if (cache / "config.json").is_file() else " [dim](converted on first use)[/]"
         out.print(f"  converted  {escape(str(cache))}{note}", soft_wrap=True)
     out.print("\nAlso accepted as model.base: a local HF folder, a .gguf file, or a hub id (owner/name).")
+
+
+@app.command()
+def serve(
+    models_: Annotated[list[str], typer.Argument(metavar="MODEL [ADAPTER ...]", help="A base, adapter folders (served on their base, loaded once), merged folders; NAME=PATH names one.")],
+    host: Annotated[str, typer.Option(help="Address to bind; anything but 127.0.0.1/localhost needs --api-key or --no-auth.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(help="Require `Authorization: Bearer KEY` on every API request (or set FINETUNE_API_KEY).")] = None,
+    no_auth: Annotated[bool, typer.Option("--no-auth", help="Allow a non-local --host without an API key.")] = False,
+    engine: Annotated[Literal["transformers", "vllm"], typer.Option(help="transformers (built in) or vllm (hands the base and adapters to vLLM's server).")] = "transformers",
+    dtype: Annotated[Literal["auto", "bf16", "fp16", "fp32"], typer.Option()] = "auto",
+    quantization: Annotated[Optional[Quantization], typer.Option(help="Override how bases load.")] = None,
+    max_tokens: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for (and the default).")] = 1024,
+    max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body accepted.")] = 1 << 20,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most requests generated together in one batch.")] = 8,
+) -> None:
+    """OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and a web chat page at /."""
+    from finetune.serving import server
+
+    server.run(models_, host=host, port=port, api_key=api_key, no_auth=no_auth, engine=engine, dtype=dtype,
+               quantization=quantization, max_tokens=max_tokens, max_body_bytes=max_body_bytes, max_batch=max_batch)
+
+
+@app.command()
+def info(
+    model: Annotated[str, typer.Argument(help="Base alias / folder / .gguf, adapter folder, or merged folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the facts as JSON.")] = False,
+) -> None:
+    """Architecture, parameters, dtype, context, vocabulary, chat template; for an adapter its base, rank, targets, recipe."""
+    from finetune import info as info_
+
+    info_.run(model, as_json=as_json)
 
 
 def _crash_log(exc: BaseException) -> Path:
