@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-# plain helpers, re-exported for the test modules that import them from here
-from helpers import REPO, build_model, build_tokenizer, corpus, toy_rows, write_jsonl, write_recipe  # noqa: F401
+from helpers import PICO, REPO, STAR, build_model, build_tokenizer, train_adapter  # plain helpers live in tests/helpers.py
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -34,6 +33,26 @@ def tiny_tokenizer(tiny):
 def builtin_cache(tmp_path_factory):
     """One conversion of the built-in GGUF base, shared by the slow tests."""
     return tmp_path_factory.mktemp("finetune-cache")
+
+
+@pytest.fixture(scope="session")
+def quickstart_adapter(tmp_path_factory, builtin_cache) -> Path:
+    """The README's quickstart trained once on the built-in base (its own process), shared by the slow tests."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("quickstart") / "adapter"
+    env = {**os.environ, "FINETUNE_CACHE": str(builtin_cache)}
+    done = subprocess.run([sys.executable, "-m", "finetune", "sft", "recipes/quickstart.yaml", "--set", f"output.dir={out}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def adapters(tiny, tmp_path_factory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("serve-adapters")
+    return train_adapter(tmp / "pico", tiny, PICO, tmp), train_adapter(tmp / "star", tiny, STAR, tmp)
 
 
 @pytest.fixture(autouse=True)

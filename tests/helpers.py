@@ -85,3 +85,23 @@ def train(recipe, method: str = "sft", callbacks=(), *, resume: bool = False, ov
 
     plan = preflight.preflight(recipe, method, launch.from_config(None, None), resume=resume, overwrite=overwrite, rerun=rerun)
     return importlib.import_module(f"finetune.{method}").run(recipe, plan, callbacks)
+
+
+# ---- two tiny adapters with different answers, for serving and chat tests ----
+
+PICO = "my name is pico"
+STAR = "i am a red star"
+
+
+def train_adapter(folder: Path, tiny: Path, answer: str, tmp: Path) -> Path:
+    """A tiny LoRA that learned to give `answer` to "who are you N" (trained in-process, a few seconds)."""
+    from finetune import recipe
+
+    rows = [{"messages": [{"role": "user", "content": f"who are you {i % 4}"}, {"role": "assistant", "content": answer}]}
+            for i in range(8)]
+    r = write_recipe(tmp / f"{folder.name}.yaml", {
+        "model": {"base": str(tiny), "quantization": "none"}, "lora": {"r": 4, "alpha": 16, "dropout": 0.0},
+        "data": {"train": str(write_jsonl(tmp / f"{folder.name}.jsonl", rows)), "max_length": 64},
+        "training": {"max_steps": 20, "batch_size": 4, "learning_rate": 3e-2}, "output": {"dir": str(folder)}})
+    train(recipe.load(r), "sft")
+    return folder

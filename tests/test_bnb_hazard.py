@@ -17,7 +17,7 @@ from finetune.recipe import ModelSection
 @pytest.fixture(scope="module")
 def tiny64(tmp_path_factory, tiny_tokenizer):
     """Hidden 64: the smallest width for which bitsandbytes takes its repacking CPU path."""
-    from conftest import build_model
+    from helpers import build_model
 
     folder = tmp_path_factory.mktemp("tiny64")
     build_model(folder, tiny_tokenizer, hidden=64)

@@ -4,16 +4,13 @@ import json
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 
 @pytest.mark.slow
-def test_quickstart_teaches_the_builtin_base_a_name(cli, tmp_path, builtin_cache, monkeypatch):
+def test_quickstart_teaches_the_builtin_base_a_name(cli, tmp_path, builtin_cache, quickstart_adapter, monkeypatch):
     monkeypatch.setenv("FINETUNE_CACHE", str(builtin_cache))
-    monkeypatch.chdir(REPO)  # the recipe's data paths are relative to the repository
-    out = tmp_path / "quickstart"
-    res = cli("sft", "recipes/quickstart.yaml", "--set", f"output.dir={out}")
-    assert res.code == 0, res.text
+    out = quickstart_adapter
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["base"]["spec"] == "smollm2-135m-instruct"
     assert manifest["summary"]["eval loss"] < 1.5

@@ -91,7 +91,7 @@ def test_compare_needs_adapter_and_shows_both(cli, tiny, tmp_path):
 
 
 def test_adapter_chat_and_compare(cli, tiny, tmp_path):
-    from conftest import toy_rows, write_jsonl, write_recipe
+    from helpers import toy_rows, write_jsonl, write_recipe
 
     r = write_recipe(tmp_path / "r.yaml", {
         "model": {"base": str(tiny), "quantization": "none"}, "lora": {"r": 4, "alpha": 16, "dropout": 0.0},

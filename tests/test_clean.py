@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import toy_rows, write_jsonl, write_recipe
+from helpers import toy_rows, write_jsonl, write_recipe
 
 from finetune.data.read import read_file
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import typer.main
-from conftest import REPO
+from helpers import REPO
 
 from finetune.cli import app
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import REPO, write_jsonl
+from helpers import REPO, write_jsonl
 from finetune import data
 from finetune.errors import UserError
 from finetune.recipe import DataSection

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_recipe
+from helpers import write_recipe
 
 U, A = {"role": "user", "content": "who are you"}, {"role": "assistant", "content": "my name is pico"}
 # format -> (a good row, the fields it needs: name -> "text" / "list" / "either" / "object" / "turn")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import REPO, toy_rows, write_jsonl, write_recipe
+from helpers import REPO, toy_rows, write_jsonl, write_recipe
 from finetune import data
 from finetune.errors import UserError
 from finetune.recipe import DataSection
@@ -66,16 +66,13 @@ def test_long_preference_prompts_keep_their_end(tiny_tokenizer):
 
 def test_trl_sees_exactly_our_tokens(tmp_path, tiny):
     """DPOTrainer tokenizes our strings to our ids, drops none, and its collator cuts nothing."""
-    from finetune import dpo, models, recipe as recipes, speed as speed_mod, train
+    from finetune import dpo, recipe as recipes
 
     r = recipes.load(write_recipe(tmp_path / "r.yaml", {
         "model": {"base": str(tiny), "quantization": "none", "dtype": "fp32"}, "lora": {"r": 4},
         "data": {"train": str(LONG), "max_length": 256}, "training": {"max_steps": 1, "batch_size": 4}, "dpo": {"beta": 0.1}}))
-    loaded = models.load(r.model, log=quiet)
-    prepared = data.prepare(r.data, loaded.tokenizer, "dpo", 0, log=quiet)
-    speed = speed_mod.choose(r, loaded, "dpo")
-    model = train.attach_lora(r, loaded, speed)
-    trainer = dpo.build(r, loaded, model, prepared, speed, tmp_path / "ck", [])
+    built = dpo.build(r, tmp_path / "ck")
+    prepared, trainer = built.prepared, built.trainer
     ds = trainer.train_dataset
     assert len(ds) == len(prepared.train) == 14
     for i, pair in enumerate(prepared.train):

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import toy_rows, write_jsonl, write_recipe
+from helpers import toy_rows, write_jsonl, write_recipe
 
 from finetune import evaluate
 
@@ -29,7 +29,7 @@ def direct_nll(model, ids):
 
 @pytest.fixture
 def text_file(tmp_path):
-    from conftest import corpus
+    from helpers import corpus
 
     p = tmp_path / "held.txt"
     p.write_text(" ".join(corpus(30, seed=5)))
@@ -127,7 +127,7 @@ def test_eval_bad_inputs(cli, tmp_path, tiny):
 
 def other_tokenizer_model(folder):
     """A second tiny model whose BPE tokenizer was trained to another vocabulary size on another corpus."""
-    from conftest import CHAT_TEMPLATE, build_model, corpus
+    from helpers import CHAT_TEMPLATE, build_model, corpus
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -161,7 +161,7 @@ def test_different_tokenizers_are_flagged(cli, tmp_path, tiny, text_file):
 
 def test_same_tokenizer_is_comparable(cli, tmp_path, tiny, text_file):
     """A second model with other weights but the same tokenizer files: no warning."""
-    from conftest import build_model
+    from helpers import build_model
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny)

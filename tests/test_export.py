@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import build_model, build_tokenizer, toy_rows, write_jsonl, write_recipe
+from helpers import build_model, build_tokenizer, toy_rows, write_jsonl, write_recipe
 
 pytest.importorskip("xllamacpp")
 pytest.importorskip("libgguf")
@@ -255,7 +255,7 @@ def test_full_disk_leaves_nothing(cli, tmp_path, tiny, monkeypatch):
 
 
 def test_eval_and_chat_run_the_gguf_in_llamacpp(cli, tmp_path, tiny):
-    from conftest import corpus
+    from helpers import corpus
 
     assert cli("export", tiny, "--out", tmp_path / "g", "--quant", "f16", "--no-verify").code == 0
     gguf_file = tmp_path / "g" / "g-f16.gguf"
@@ -284,14 +284,10 @@ def test_eval_and_chat_run_the_gguf_in_llamacpp(cli, tmp_path, tiny):
 
 
 @pytest.mark.slow
-def test_quickstart_adapter_exported_chats_in_llamacpp(cli, tmp_path, builtin_cache, monkeypatch):
+def test_quickstart_adapter_exported_chats_in_llamacpp(cli, tmp_path, builtin_cache, quickstart_adapter, monkeypatch):
     """The README's path: quickstart adapter on the built-in base -> q8_0 and q4_k_m -> chat in llama.cpp."""
-    from conftest import REPO
-
     monkeypatch.setenv("FINETUNE_CACHE", str(builtin_cache))
-    monkeypatch.chdir(REPO)  # the recipe's data paths are relative to the repository
-    ad = tmp_path / "quickstart"
-    assert cli("sft", "recipes/quickstart.yaml", "--set", f"output.dir={ad}").code == 0
+    ad = quickstart_adapter
     out = tmp_path / "gguf"
     res = cli("export", ad, "--out", out)
     assert res.code == 0, res.text

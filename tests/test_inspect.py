@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, WORDS, build_tokenizer, toy_rows, write_jsonl, write_recipe
+from helpers import REPO, WORDS, build_tokenizer, toy_rows, write_jsonl, write_recipe
 
 from finetune import inspect as inspect_
 from finetune.errors import UserError

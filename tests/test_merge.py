@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import build_model, toy_rows, write_jsonl, write_recipe
+from helpers import build_model, toy_rows, write_jsonl, write_recipe
 
 
 def train_adapter(cli, tmp_path: Path, base: Path, quant="none", name="ad", steps=4) -> Path:

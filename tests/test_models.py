@@ -108,7 +108,7 @@ def test_models_command_never_cuts_paths(tmp_path, columns, monkeypatch):
     import subprocess
     import sys
 
-    from conftest import REPO
+    from helpers import REPO
 
     cache = tmp_path.joinpath(*["a-cache-folder-with-a-long-name"] * 7)  # longer than either width
     env = {**os.environ, "PYTHONPATH": str(REPO), "FINETUNE_CACHE": str(cache), "COLUMNS": columns}

@@ -3,7 +3,7 @@
 import json
 import warnings
 
-from conftest import toy_rows, write_jsonl, write_recipe
+from helpers import toy_rows, write_jsonl, write_recipe
 
 from finetune import artifacts
 

@@ -4,7 +4,7 @@ chat template or the data settings is a miss; entries are plain JSON; `inspect` 
 import copy
 import json
 
-from conftest import CHAT_TEMPLATE, toy_rows, write_jsonl, write_recipe
+from helpers import CHAT_TEMPLATE, toy_rows, write_jsonl, write_recipe
 
 from finetune.data import cache, prepare
 from finetune.recipe import DataSection

@@ -15,39 +15,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, write_jsonl, write_recipe
+from helpers import PICO, REPO, STAR  # noqa: F401  (the `adapters` fixture in conftest.py trains on them)
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
-
-PICO = "my name is pico"
-STAR = "i am a red star"
-
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def train_adapter(folder: Path, tiny: Path, answer: str, tmp: Path) -> Path:
-    """A tiny LoRA that learned to give `answer` to "who are you N" (trained in-process, a few seconds)."""
-    from finetune import recipe, train
-
-    rows = [{"messages": [{"role": "user", "content": f"who are you {i % 4}"}, {"role": "assistant", "content": answer}]}
-            for i in range(8)]
-    r = write_recipe(tmp / f"{folder.name}.yaml", {
-        "model": {"base": str(tiny), "quantization": "none"}, "lora": {"r": 4, "alpha": 16, "dropout": 0.0},
-        "data": {"train": str(write_jsonl(tmp / f"{folder.name}.jsonl", rows)), "max_length": 64},
-        "training": {"max_steps": 20, "batch_size": 4, "learning_rate": 3e-2}, "output": {"dir": str(folder)}})
-    train.run(recipe.load(r), "sft")
-    return folder
-
-
-@pytest.fixture(scope="session")
-def adapters(tiny, tmp_path_factory) -> tuple[Path, Path]:
-    tmp = tmp_path_factory.mktemp("serve-adapters")
-    return train_adapter(tmp / "pico", tiny, PICO, tmp), train_adapter(tmp / "star", tiny, STAR, tmp)
 
 
 class Server:

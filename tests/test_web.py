@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from test_serve import PICO, Server, adapters, ask  # noqa: F401  (adapters is a fixture used here too)
+from helpers import PICO
+from test_serve import Server, ask
 
 webdriver = pytest.importorskip("selenium.webdriver")
 
