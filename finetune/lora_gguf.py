@@ -22,9 +22,10 @@ def write(adapter: Path, base_folder: Path, dest: Path, name: str, extra: dict) 
     from conversion import logger
     from conversion.llama import LlamaModel
 
-    from finetune import export, merge
+    from finetune import merge
+    from finetune.gguf_convert import add_metadata, model_class
 
-    cls = export.model_class(base_folder)
+    cls = model_class(base_folder)
     if not issubclass(cls, LlamaModel):
         raise UserError(f"--lora-gguf: the base's architecture ({cls.__name__}) is not of the Llama family — "
                         "export the merged model instead (without --lora-gguf)")
@@ -49,7 +50,7 @@ def write(adapter: Path, base_folder: Path, dest: Path, name: str, extra: dict) 
             count += 1
     # llama.cpp scales by alpha / r: give it the alpha that yields this adapter's scale (rsLoRA included)
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(scale * rank))
-    export.add_metadata(writer, extra)
+    add_metadata(writer, extra)
     writer.add_name(name)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
