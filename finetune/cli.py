@@ -173,6 +173,8 @@ def eval_(
         raise UserError("eval: say what to measure — --data FILE (perplexity), --tasks NAMES (benchmarks) or --prompts FILE (answers)")
     if (judge or judge_prompt) and prompts is None:
         raise UserError("--judge compares answers: add --prompts FILE")
+    if as_json and sum(x is not None for x in (data, tasks, prompts)) > 1:
+        raise UserError("--json prints one JSON document: use one of --data, --tasks, --prompts per run")
     if data is not None:
         from finetune import evaluate
 

@@ -91,3 +91,5 @@ def test_bad_tasks_exit_2_naming_the_problem(cli, tiny, tmp_path):
     assert res.code == 2 and "missing.yaml" in res.text
     res = cli("eval", str(tiny))
     assert res.code == 2 and "--data" in res.text and "--tasks" in res.text
+    res = cli("eval", str(tiny), "--tasks", "pico_sky", "--data", "x.jsonl", "--json")
+    assert res.code == 2 and "one JSON document" in res.text
