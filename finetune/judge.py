@@ -36,6 +36,7 @@ Which answer follows the request better: more helpful, correct and to the point?
 the length of the answers decide. Reply with exactly one verdict: [[A]] if A is better, [[B]] if B is
 better, [[TIE]] if they are equally good."""
 PLACEHOLDERS = ("{question}", "{answer_a}", "{answer_b}")
+VERDICT_TOKENS = 32  # room for a short reason before the verdict; local and remote judges get the same
 
 _BRACKETED = re.compile(r"\[\[\s*(A|B|TIE|C)\s*\]\]", re.IGNORECASE)
 _BARE = re.compile(r"^\W*(?:verdict\W*)?(A|B|TIE)\W*$", re.IGNORECASE)
@@ -92,6 +93,7 @@ class RemoteJudge:
         if not key:
             raise UserError(f"--judge {url}: no API key — set OPENAI_API_KEY (any value for a local server that checks none)")
         self.client = OpenAI(base_url=url, api_key=key, timeout=60, max_retries=1)
+        names: list[str] = []
         try:
             names = [m.id for m in self.client.models.list()]
         except AuthenticationError:
@@ -100,8 +102,11 @@ class RemoteJudge:
             raise UserError(f"--judge {url}: cannot connect ({exc.__cause__ or exc}) — is the server running at that "
                             "address (an OpenAI-compatible base URL, usually ending in /v1)?") from None
         except APIStatusError as exc:
-            raise UserError(f"--judge {url}: the server answered {exc.status_code} when asked for its models — "
-                            "pass an OpenAI-compatible base URL (usually ending in /v1)") from None
+            if model is not None:  # reachable; some servers cannot list models but serve the one named
+                names = []
+            else:
+                raise UserError(f"--judge {url}: the server answered {exc.status_code} when asked for its models — "
+                                "pass an OpenAI-compatible base URL (usually ending in /v1), or name the model with --judge-model") from None
         if model is None and not names:
             raise UserError(f"--judge {url}: the server lists no models — name one with --judge-model")
         self.model = model or names[0]
@@ -109,14 +114,14 @@ class RemoteJudge:
 
     def __call__(self, prompt: str) -> str:
         r = self.client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": prompt}],
-                                                temperature=0, max_tokens=32)
+                                                temperature=0, max_tokens=VERDICT_TOKENS)
         return r.choices[0].message.content or ""
 
 
 class LocalJudge:
     """Any model the toolkit loads, answering greedily through its chat template."""
 
-    def __init__(self, spec: str, quantization: str | None, dtype: str, max_new_tokens: int = 16):
+    def __init__(self, spec: str, quantization: str | None, dtype: str, max_new_tokens: int = VERDICT_TOKENS):
         self.spec, self.quantization, self.dtype, self.max_new_tokens = spec, quantization, dtype, max_new_tokens
         self.loaded = None
         self.name = spec

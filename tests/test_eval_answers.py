@@ -10,7 +10,7 @@ from conftest import REPO, toy_rows, write_jsonl, write_recipe
 
 pytest.importorskip("sacrebleu", reason="the eval extra is not installed (pip install -e '.[eval]')")
 
-from finetune import answers, judge  # noqa: E402
+from finetune import answers, judge
 
 
 def test_stop_rate_is_exact_on_constructed_answers():
@@ -183,3 +183,53 @@ def test_quickstart_adapter_report_with_builtin_judge(cli, tmp_path, builtin_cac
     assert res.code == 0, res.text
     base, tuned = json.loads(res.out)
     assert tuned["tasks"]["pico_sky"]["change"]["acc"] == pytest.approx(tuned["tasks"]["pico_sky"]["acc"] - base["tasks"]["pico_sky"]["acc"])
+
+
+@pytest.fixture
+def served_tiny(tiny, tmp_path):
+    """A real OpenAI-compatible server (`transformers serve`) holding the tiny model; stopped afterwards."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    pytest.importorskip("uvicorn", reason="transformers serve needs fastapi and uvicorn")
+    pytest.importorskip("fastapi", reason="transformers serve needs fastapi and uvicorn")
+    port = free_port()
+    exe = Path(sys.executable).parent / "transformers"
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    (tmp_path / "hub").mkdir()
+    proc = subprocess.Popen([str(exe), "serve", str(tiny), "--port", str(port), "--device", "cpu"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("transformers serve did not start")
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_judge_through_an_openai_compatible_server(cli, tmp_path, tiny, trained, served_tiny, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "unused-by-this-server")
+    p = prompts_file(tmp_path)
+    res = cli("eval", str(tiny), str(trained), "--prompts", p, "--judge", served_tiny)
+    assert res.code == 2 and "lists no models" in res.text and "--judge-model" in res.text  # this server lists none
+    res = cli("eval", str(tiny), str(trained), "--prompts", p, "--judge", served_tiny, "--judge-model", str(tiny),
+              "--max-new-tokens", "8", "--out", tmp_path / "remote", "--json")
+    assert res.code == 0, res.text
+    remote = json.loads(res.out)["judge"]
+    assert remote["judge"] == f"{tiny} at {served_tiny}"
+    pair = remote["pairs"][str(trained)]
+    assert pair["win"] + pair["tie"] + pair["loss"] + pair["unparseable"] == 3 and pair["unparseable"] >= 1
+    rows = [json.loads(line) for line in (tmp_path / "remote" / "answers.jsonl").read_text().splitlines()]
+    for r in rows:  # both orders asked of the server, each reply kept with what was read from it
+        v = r["judge"][str(trained)]
+        for side in ("candidate_as_b", "candidate_as_a"):
+            assert v[side]["raw"] and v[side]["verdict"] == judge.parse_verdict(v[side]["raw"])
