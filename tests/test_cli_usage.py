@@ -136,7 +136,7 @@ def test_the_walk_covers_every_command_and_typed_option():
     ids = {c.id for c in CASES}
     for path, cmd in commands(typer.main.get_command(app)):
         assert f"{' '.join(path)}:unknown-option" in ids
-    for expected in ("sft:missing-recipe", "eval:missing-data", "eval:missing-models", "merge:missing-out",
+    for expected in ("sft:missing-recipe", "eval:--max-new-tokens:below-min", "eval:missing-models", "merge:missing-out",
                      "sft:--num-processes:below-min", "dpo:--num-processes:below-min", "merge:--dtype:choice",
                      "eval:--dtype:choice", "eval:--quantization:choice", "chat:--quantization:choice",
                      "chat:--temperature:not-a-number", "chat:--temperature:below-min", "chat:--max-new-tokens:below-min",
