@@ -180,7 +180,7 @@ def run(specs: list[str], prompts_path: Path, out: Path, *, max_new_tokens: int,
         raise UserError("--judge-prompt needs --judge MODEL_OR_URL")
     if judge_spec and len(specs) < 2:
         raise UserError("--judge compares models with the first one: name at least two models")
-    judge = judging.open_judge(judge_spec, judge_model, quantization, dtype) if judge_spec else None  # URL and key checked now
+    judge = judging.open_judge(judge_spec, judge_model, quantization, dtype, generate_all) if judge_spec else None  # URL and key checked now
     by_model = answer_all(specs, prompts, max_new_tokens=max_new_tokens, quantization=quantization, dtype=dtype)
     summaries = {m: summary(prompts, a) for m, a in by_model.items()}
     verdicts = judging.judge_pairs(judge, prompts, by_model, template) if judge else None

@@ -121,21 +121,21 @@ class RemoteJudge:
 class LocalJudge:
     """Any model the toolkit loads, answering greedily through its chat template."""
 
-    def __init__(self, spec: str, quantization: str | None, dtype: str, max_new_tokens: int = VERDICT_TOKENS):
+    def __init__(self, spec: str, quantization: str | None, dtype: str, generate, max_new_tokens: int = VERDICT_TOKENS):
+        # `generate` is the answers' own greedy generation (answers.generate_all), so verdicts decode exactly like answers
         self.spec, self.quantization, self.dtype, self.max_new_tokens = spec, quantization, dtype, max_new_tokens
+        self.generate = generate
         self.loaded = None
         self.name = spec
 
     def __call__(self, prompt: str) -> str:
-        from finetune.answers import generate_all
-
         if self.loaded is None:  # loaded after the answers, so one model is in memory at a time
             self.loaded, _ = models.load_any(self.spec, quantization=self.quantization, dtype=self.dtype, log=err.print)
             data.ensure_chat_template(self.loaded.tokenizer)
-        return generate_all(self.loaded, [{"messages": [{"role": "user", "content": prompt}]}], self.max_new_tokens)[0]["text"]
+        return self.generate(self.loaded, [{"messages": [{"role": "user", "content": prompt}]}], self.max_new_tokens)[0]["text"]
 
 
-def open_judge(spec: str, model: str | None, quantization: str | None, dtype: str):
+def open_judge(spec: str, model: str | None, quantization: str | None, dtype: str, generate):
     if spec.startswith(("http://", "https://")):
         return RemoteJudge(spec, model)
     if model is not None:
@@ -143,7 +143,7 @@ def open_judge(spec: str, model: str | None, quantization: str | None, dtype: st
     folder = Path(spec).expanduser()
     if not folder.exists() and spec not in models.BUILTINS and not (spec.count("/") == 1 and not spec.startswith((".", "/", "~"))):
         raise UserError(f"--judge: `{spec}` is not a URL, built-in alias, folder or hub id — see `finetune models`")
-    return LocalJudge(spec, quantization, dtype)
+    return LocalJudge(spec, quantization, dtype, generate)
 
 
 def question_text(messages: list[dict]) -> str:

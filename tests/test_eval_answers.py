@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, toy_rows, write_jsonl, write_recipe
+from helpers import REPO, toy_rows, write_jsonl, write_recipe
 
 pytest.importorskip("sacrebleu", reason="the eval extra is not installed (pip install -e '.[eval]')")
 

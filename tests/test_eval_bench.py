@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_jsonl, write_recipe
+from helpers import write_jsonl, write_recipe
 
 pytest.importorskip("lm_eval", reason="the eval extra is not installed (pip install -e '.[eval]')")
 

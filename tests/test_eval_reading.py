@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import toy_rows, write_jsonl, write_recipe
+from helpers import toy_rows, write_jsonl, write_recipe
 
 
 def test_perplexity_change_and_reading(cli, tmp_path, tiny):
