@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, toy_rows, write_jsonl, write_recipe
+from helpers import REPO, toy_rows, train, write_jsonl, write_recipe
 
 pytest.importorskip("sacrebleu", reason="the eval extra is not installed (pip install -e '.[eval]')")
 
@@ -41,7 +41,7 @@ def test_verdict_parsing():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny):
     """An adapter that learned to answer `my name is pico` and stop."""
-    from finetune.cli import main
+    from finetune import recipe as recipes
 
     d = tmp_path_factory.mktemp("trained")
     data = write_jsonl(d / "train.jsonl", toy_rows(16))
@@ -52,15 +52,7 @@ def trained(tmp_path_factory, tiny):
         "training": {"max_steps": 30, "batch_size": 4, "learning_rate": 1e-2, "warmup_ratio": 0.0, "scheduler": "constant"},
         "output": {"dir": str(d / "ad")},
     })
-    import sys
-    argv = sys.argv
-    sys.argv = ["finetune", "sft", str(recipe)]
-    try:
-        main()
-    except SystemExit as exc:
-        assert not exc.code
-    finally:
-        sys.argv = argv
+    train(recipes.load(recipe), "sft")
     return d / "ad"
 
 
@@ -162,11 +154,10 @@ def test_bad_answer_and_judge_inputs_exit_2(cli, tmp_path, tiny, monkeypatch):
 
 
 @pytest.mark.slow
-def test_quickstart_adapter_report_with_builtin_judge(cli, tmp_path, builtin_cache, monkeypatch):
+def test_quickstart_adapter_report_with_builtin_judge(cli, tmp_path, builtin_cache, quickstart_adapter, monkeypatch):
     monkeypatch.setenv("FINETUNE_CACHE", str(builtin_cache))
     monkeypatch.chdir(REPO)
-    ad = tmp_path / "quickstart"
-    assert cli("sft", "recipes/quickstart.yaml", "--set", f"output.dir={ad}").code == 0
+    ad = quickstart_adapter
     out = tmp_path / "report"
     res = cli("eval", "smollm2-135m-instruct", str(ad), "--prompts", "datasets_local/persona_validation.jsonl", "--out", out,
               "--max-new-tokens", "24", "--judge", "smollm2-135m-instruct", "--json")
