@@ -175,10 +175,20 @@ def pick_dtype(pref: str, device: str) -> torch.dtype:
             raise UserError("model.dtype: fp16 is not supported for training on CPU — use `bf16`, `fp32` or `auto`")
         return named[pref]
     if device == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # emulated bf16 (pre-Ampere GPUs) counts as supported by default and runs far slower than fp16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if device == "mps":
         return torch.float16
     return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+
+
+def parameter_count(model) -> int:
+    """Real parameters of a possibly quantized model: a packed 4-bit weight's numel() is half its count."""
+    total = 0
+    for p in model.parameters():
+        state = getattr(p, "quant_state", None)  # bitsandbytes Params4bit: the original shape is kept here
+        total += state.shape.numel() if state is not None and hasattr(state, "shape") else p.numel()
+    return total
 
 
 # ---- loading ---------------------------------------------------------------------------------------

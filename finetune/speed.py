@@ -34,7 +34,9 @@ class RunSettings:
 
 
 def choose(recipe, loaded, method: str) -> RunSettings:
-    n_params = sum(p.numel() for p in loaded.model.parameters())
+    from finetune.models import parameter_count
+
+    n_params = parameter_count(loaded.model)  # 4-bit weights count as what they hold, not their packed size
     t = recipe.training
     gc = t.gradient_checkpointing
     if gc == "auto":

@@ -123,3 +123,15 @@ def test_models_command_never_cuts_paths(tmp_path, columns, monkeypatch):
     monkeypatch.setenv("FINETUNE_CACHE", str(cache))
     assert str(gguf) in res.stdout
     assert str(models.gguf_cache_dir(gguf)) in res.stdout and len(str(models.gguf_cache_dir(gguf))) > int(columns)
+
+
+def test_parameter_count_of_a_4bit_model_is_its_real_count(tiny):
+    """Packed 4-bit weights report half their numel(); thresholds (gradient checkpointing at 1B) need the real count."""
+    from finetune import models
+    from finetune.recipe import ModelSection
+
+    full = models.load(ModelSection(base=str(tiny), quantization="none", dtype="fp32"), log=lambda s: None).model
+    q4 = models.load(ModelSection(base=str(tiny), quantization="4bit", dtype="fp32"), log=lambda s: None).model
+    expected = sum(p.numel() for p in full.parameters())
+    assert sum(p.numel() for p in q4.parameters()) < expected  # what a plain count sees
+    assert models.parameter_count(q4) == models.parameter_count(full) == expected
