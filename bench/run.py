@@ -160,6 +160,31 @@ def sft_toolkit(args) -> dict:
             "peak_mb": peak_mb(args.device), "speed": __import__("dataclasses").asdict(built.settings)}
 
 
+def sft_toolkit_trl_loss(args) -> dict:
+    """The toolkit's SFT with TRL's own loss (`loss_type="nll"`, computed by TRL in chunks) instead of our
+    trained-positions loss: everything else equal, so the two legs isolate the loss."""
+    from trl import SFTTrainer
+
+    from finetune import sft
+
+    real_build = sft.build
+
+    def build(*a, **k):
+        built = real_build(*a, **k)
+        trainer = built.trainer
+
+        def compute_loss(model, inputs, return_outputs=False, num_items_in_batch=None):
+            am = inputs.get("attention_mask")
+            built.counts.real += int(am.sum()) if am is not None else int(inputs["input_ids"].numel())
+            return SFTTrainer.compute_loss(trainer, model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+        trainer.compute_loss = compute_loss
+        return built
+
+    sft.build = build
+    return sft_toolkit(args)
+
+
 def dpo_side(args, toolkit: bool) -> dict:
     import datasets
     from trl import DPOConfig, DPOTrainer
@@ -322,7 +347,7 @@ def matmul_peak_gflops(device: str) -> dict:
     return out
 
 
-ONE = {"sft-toolkit": sft_toolkit, "sft-baseline": sft_baseline,
+ONE = {"sft-toolkit": sft_toolkit, "sft-baseline": sft_baseline, "sft-toolkit-trl-loss": sft_toolkit_trl_loss,
        "dpo-toolkit": lambda a: dpo_side(a, True), "dpo-baseline": lambda a: dpo_side(a, False),
        "eval-toolkit": lambda a: eval_side(a, True), "eval-baseline": lambda a: eval_side(a, False),
        "merge-toolkit": lambda a: merge_side(a, True), "merge-baseline": lambda a: merge_side(a, False),
@@ -459,7 +484,25 @@ def bench_chat(ctx) -> dict:
     return out
 
 
-BENCHES = {"sft": bench_sft, "dpo": bench_dpo, "eval": bench_eval, "merge": bench_merge, "chat": bench_chat}
+def bench_sft_loss(ctx) -> dict:
+    """A/B of the SFT loss inside the toolkit: our trained-positions loss against TRL's chunked `nll`."""
+    runs = {"ours": [], "trl": []}
+    for r in range(ctx["rounds"]):
+        for side, what in (("trl", "sft-toolkit-trl-loss"), ("ours", "sft-toolkit")):
+            res = measure(what, ctx["raw"], data=ctx["data"], steps=ctx["steps"], quant=ctx["quant"], device=ctx["device"],
+                          work=ctx["work"] / f"sft-loss-{side}")
+            res.update(step_stats(res, skip=1 if ctx["steps"] > 2 else 0))
+            runs[side].append(res)
+            print(f"sft loss {side} round {r}: median step {res['median_step_s']:.2f}s, last loss {res['losses'][-1]:.4f}, peak {res['peak_mb']:.0f} MiB")
+    med = {k: statistics.median(x["median_step_s"] for x in v) for k, v in runs.items()}
+    out = {"median_step_s": med, "ratio_speed": med["trl"] / med["ours"],
+           "peak_mb": {k: max(x["peak_mb"] for x in v) for k, v in runs.items()},
+           "final_loss": {k: statistics.mean(x["losses"][-1] for x in v) for k, v in runs.items()}}
+    print(f"sft loss A/B: ours {out['ratio_speed']:.2f}x TRL's nll per step, peak {out['peak_mb']}, final loss {out['final_loss']}")
+    return out
+
+
+BENCHES = {"sft": bench_sft, "dpo": bench_dpo, "eval": bench_eval, "merge": bench_merge, "chat": bench_chat, "sft-loss": bench_sft_loss}
 
 
 def suite(args) -> None:

@@ -86,7 +86,9 @@ def make_trainer_class():
 
         TRL's fused head also computes entropy and top-1 accuracy over the full vocabulary in many fp32
         passes; on CPU that is a third of the step. Projecting only the positions with a label through
-        the output head gives the same loss for less work and memory (see finetune/speed.py, bench/)."""
+        the output head gives the same loss for less work and memory (see finetune/speed.py, bench/).
+        A/B against TRL 1.16's own chunked `nll` inside this trainer (bench/run.py --only sft-loss, CPU,
+        SmolLM2-135M, batch 4, length 512): 1.30x faster per step and 36 % less peak memory (3.9 vs 6.1 GB)."""
 
         def __init__(self, counts: training.TokenCounts, *args, **kwargs):
             super().__init__(*args, **kwargs)
