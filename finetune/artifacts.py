@@ -73,6 +73,23 @@ def disk_errors_are_user_errors(folder: Path, option: str):
         raise
 
 
+@contextlib.contextmanager
+def staged_folder(out: Path, what: str):
+    """A sibling staging folder for a whole output: it replaces `out` when the block finishes and is removed
+    when the block fails or is interrupted, so `out` is never half-written (merge, export)."""
+    staging = out.parent / f".{out.name}.{what}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def library_versions() -> dict:
     out = {}
     for name in LIBRARIES:

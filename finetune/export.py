@@ -12,7 +12,6 @@ Everything is written into a temporary sibling of --out and renamed into place a
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -175,18 +174,9 @@ def run(source: str, out: Path, *, quants: list[str], base: str | None = None, o
         raise UserError("--out must differ from the source folder")
     artifacts.check_writable(out.parent, "--out")
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.exporting-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        with artifacts.disk_errors_are_user_errors(out, "--out"):
-            report = export_into(source, staging, out, quants, base, system, verify_files, lora_gguf)
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)  # an interrupted export leaves nothing behind
-        raise
+    # an interrupted or failed export leaves nothing behind; a finished one replaces --out whole
+    with artifacts.disk_errors_are_user_errors(out, "--out"), artifacts.staged_folder(out, "exporting") as staging:
+        report = export_into(source, staging, out, quants, base, system, verify_files, lora_gguf)
     print_summary(out, report)
     failed = [f["file"] for f in report["files"] if f.get("verification", {}).get("passed") is False]
     if failed:

@@ -311,34 +311,25 @@ def run(adapter: Path, out: Path, *, base: str | None, dtype: str, original_weig
     how = "onto the NF4 round trip of the base weights, as the adapter was trained" if round_trip else "onto the original base weights"
     err.print(f"merging {adapter} into {base_spec} ({dtype}), {how}")
 
-    tmp = out.parent / f".{out.name}.merging-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     start = time.perf_counter()
-    with artifacts.disk_errors_are_user_errors(out, "--out"):
-        try:
-            stats = merge_shards(folder, adapter, tmp, dtype, getattr(torch, train_dtype) if round_trip else None)
-            merge_s = time.perf_counter() - start
-            peak_mb = peak_memory("cpu").used_mb  # the merge runs on the CPU
-            write_metadata(folder, adapter, tmp, dtype, base_spec, how, out.name)
-            # compare with what the merge claims to reproduce: the 4-bit model as trained, or the original weights + adapter
-            check = verify(tmp, adapter, folder, base_spec, dtype, round_trip, train_dtype)
-            report = {"adapter": str(adapter), "base": base_spec, "dtype": dtype, "merged_onto": "nf4_round_trip" if round_trip else "original",
-                      **stats, "merge_seconds": round(merge_s, 2), "peak_rss_mb_during_merge": round(peak_mb),
-                      "verification": check}
-            artifacts.write_json(tmp / "merge_report.json", report)
-            if not check["passed"]:
-                (tmp / VERIFICATION_FAILED).write_text(
-                    "The merged logits differ from base + adapter beyond tolerance: do not use this model. "
-                    "See merge_report.json.\n")
-                with (tmp / "README.md").open("a") as fh:
-                    fh.write("\n**Warning: verification failed** — this merge does not reproduce base + adapter; see merge_report.json.\n")
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)  # an interrupted merge leaves nothing behind
-            raise
+    # an interrupted or failed merge leaves nothing behind; a finished one replaces --out whole
+    with artifacts.disk_errors_are_user_errors(out, "--out"), artifacts.staged_folder(out, "merging") as tmp:
+        stats = merge_shards(folder, adapter, tmp, dtype, getattr(torch, train_dtype) if round_trip else None)
+        merge_s = time.perf_counter() - start
+        peak_mb = peak_memory("cpu").used_mb  # the merge runs on the CPU
+        write_metadata(folder, adapter, tmp, dtype, base_spec, how, out.name)
+        # compare with what the merge claims to reproduce: the 4-bit model as trained, or the original weights + adapter
+        check = verify(tmp, adapter, folder, base_spec, dtype, round_trip, train_dtype)
+        report = {"adapter": str(adapter), "base": base_spec, "dtype": dtype, "merged_onto": "nf4_round_trip" if round_trip else "original",
+                  **stats, "merge_seconds": round(merge_s, 2), "peak_rss_mb_during_merge": round(peak_mb),
+                  "verification": check}
+        artifacts.write_json(tmp / "merge_report.json", report)
+        if not check["passed"]:
+            (tmp / VERIFICATION_FAILED).write_text(
+                "The merged logits differ from base + adapter beyond tolerance: do not use this model. "
+                "See merge_report.json.\n")
+            with (tmp / "README.md").open("a") as fh:
+                fh.write("\n**Warning: verification failed** — this merge does not reproduce base + adapter; see merge_report.json.\n")
     t = Table(title=f"merged → {out}", show_header=False)
     t.add_row("merged onto", how)
     t.add_row("weights merged", f"{stats['merged_weights']}, {stats['input_shards']} shard(s) in, {stats['shards']} out")
