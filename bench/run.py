@@ -558,6 +558,12 @@ def write_table(r: dict) -> None:
         f"| merge time (s) | {m['toolkit']['seconds']:.1f} | {m['baseline']['seconds']:.1f} | |",
         f"| chat time to first token (s) | {c['toolkit']['ttft_s']:.3f} | {c['baseline']['ttft_s']:.3f} | |",
         f"| chat decode tokens/s | {c['toolkit']['decode_tokens_per_s']:.1f} | {c['baseline']['decode_tokens_per_s']:.1f} | {c['ratio_decode']:.2f}x |",
+    ]
+    if "sft-loss" in r:  # the same SFT with TRL's own chunked nll in place of the trained-positions loss
+        a = r["sft-loss"]
+        lines += [f"| SFT loss A/B: median step (s), ours vs TRL's nll | {a['median_step_s']['ours']:.2f} | {a['median_step_s']['trl']:.2f} | **{a['ratio_speed']:.2f}x** |",
+                  f"| SFT loss A/B: peak memory (MiB) | {a['peak_mb']['ours']:.0f} | {a['peak_mb']['trl']:.0f} | {a['peak_mb']['ours'] / a['peak_mb']['trl']:.2f} |"]
+    lines += [
         "",
         f"SFT speed settings chosen by finetune: {s['speed_settings']}",
         "",
