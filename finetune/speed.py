@@ -11,6 +11,7 @@ and the pieces of work no library does for us on a CPU (measured in bench/, see 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 VARLEN = "finetune_varlen_sdpa"
@@ -193,11 +194,10 @@ def trained_positions_loss(model, inputs: dict, labels, autocast=None, sharded: 
     """Summed cross-entropy over the positions whose next-token label is not -100, and their count.
 
     Only those positions go through the output head (linear_cross_entropy): the model runs with its head
-    cut to the last position (`logits_to_keep=1`) and hands back its final hidden states. It runs through
+    cut to the last position (`logits_to_keep=1`) and its final hidden states are caught on the way out. It runs through
     whatever wraps it (DDP, accelerate's autocast), which is what makes gradients sync across processes.
     Heads with extra scaling, soft-capping or a bias, and heads sharded across processes (FSDP, ZeRO-3),
     are scored from the model's own logits instead."""
-    import contextlib
     import inspect
 
     import torch.nn.functional as F
@@ -214,8 +214,29 @@ def trained_positions_loss(model, inputs: dict, labels, autocast=None, sharded: 
         if plain or "logits_to_keep" not in inspect.signature(base.forward).parameters:
             logits = model(**inputs, use_cache=False).logits[:, :-1]
             return F.cross_entropy(logits[mask].float(), shift[mask], reduction="sum"), mask.sum()
-        hidden = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1][:, :-1]
-    return linear_cross_entropy(hidden[mask], head.weight, shift[mask]), mask.sum()
+        with final_hidden_state(base) as kept:
+            model(**inputs, use_cache=False, logits_to_keep=1)
+        hidden = kept[-1][:, :-1]
+        return linear_cross_entropy(hidden[mask], head.weight, shift[mask]), mask.sum()
+
+
+@contextlib.contextmanager
+def final_hidden_state(base):
+    """Catch the decoder's output (the final, normed hidden states) while the model runs.
+
+    `output_hidden_states=True` would hand it back too, but it keeps every layer's hidden states alive until
+    the loss is computed: layers x tokens x hidden more memory, which in evaluation (no autograd keeping
+    them anyway) is most of the peak. A forward hook on the decoder keeps only the last one."""
+    kept = []
+
+    def hook(module, args, output):
+        kept.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+    handle = base.get_decoder().register_forward_hook(hook)
+    try:
+        yield kept
+    finally:
+        handle.remove()
 
 
 # ---- LoRA input casting ----------------------------------------------------------------------------

@@ -70,3 +70,41 @@ def test_freed_memory_is_kept_for_the_next_step():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO).stdout.split()
     default, reused = int(out[0]), int(out[1])
     assert default < 20e6 and reused > 150e6, (default, reused)
+
+
+def test_trained_positions_loss_keeps_only_the_final_hidden_state(tiny):
+    """The loss and LoRA gradients equal those computed from `output_hidden_states=True` to the bit, and no
+    layer's hidden states but the last are handed back (the decoder's output is caught by a hook)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32), LoraConfig(r=4, target_modules="all-linear"))
+    for name, p in model.named_parameters():  # LoRA B starts at zero: give the adapters a real effect
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    ids = torch.randint(3, 200, (2, 12))
+    labels = ids.clone()
+    labels[0, :5] = labels[1, 9:] = -100
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def grads():
+        out = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad()
+        return out
+
+    got, n = speed.trained_positions_loss(model, inputs, labels)
+    got.backward()
+    got_grads = grads()
+    base = model.get_base_model()
+    hidden = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states
+    assert len(hidden) == base.config.num_hidden_layers + 1
+    mask = labels[:, 1:] != -100
+    ref = speed.linear_cross_entropy(hidden[-1][:, :-1][mask], base.get_output_embeddings().weight, labels[:, 1:][mask])
+    ref.backward()
+    assert int(n) == int(mask.sum()) and torch.equal(got, ref)
+    ref_grads = grads()
+    assert ref_grads.keys() == got_grads.keys() and all(torch.equal(got_grads[k], ref_grads[k]) for k in ref_grads)
+    assert any(g.abs().sum() > 0 for g in got_grads.values())
+    # the hook is gone afterwards: a plain call of the model is untouched
+    assert not base.get_decoder()._forward_hooks
