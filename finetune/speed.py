@@ -136,29 +136,30 @@ def _linear_cross_entropy():
         """Sum over rows of cross_entropy(hidden @ weight.T, targets) for a frozen output head.
 
         Computed in chunks of CHUNK rows; each chunk's gradient w.r.t. `hidden` is formed right away
-        (softmax - one_hot) @ weight, so neither the logits nor softmax outlive their chunk."""
+        (softmax - one_hot) @ weight, so neither the logits nor softmax outlive their chunk. The matmuls run
+        in `dtype`; log-sum-exp, softmax and the sum in fp32."""
 
         @staticmethod
-        def forward(ctx, hidden, weight, targets):
+        def forward(ctx, hidden, weight, targets, dtype):
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             grad = torch.empty_like(hidden)
             with torch.autocast(hidden.device.type, enabled=False):
-                h_all = hidden.to(weight.dtype)
+                h_all, w = hidden.to(dtype), weight.to(dtype)
                 for i in range(0, hidden.shape[0], CHUNK):
                     h, t = h_all[i:i + CHUNK], targets[i:i + CHUNK]
-                    logits = (h @ weight.T).float()
+                    logits = (h @ w.T).float()
                     lse = torch.logsumexp(logits, dim=-1)
                     total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
                     probs = logits.sub_(lse[:, None]).exp_()
                     probs[torch.arange(len(t), device=t.device), t] -= 1
-                    grad[i:i + CHUNK] = (probs.to(weight.dtype) @ weight).to(grad.dtype)
+                    grad[i:i + CHUNK] = (probs.to(dtype) @ w).to(grad.dtype)
             ctx.save_for_backward(grad)
             return total
 
         @staticmethod
         def backward(ctx, grad_output):
             (grad,) = ctx.saved_tensors
-            return grad * grad_output.to(grad.dtype), None, None
+            return grad * grad_output.to(grad.dtype), None, None, None
 
     return LinearCrossEntropy
 
@@ -166,8 +167,9 @@ def _linear_cross_entropy():
 _LCE = None
 
 
-def linear_cross_entropy(hidden, weight, targets):
-    """Summed cross-entropy of `hidden @ weight.T` against `targets`, in chunks of CHUNK rows.
+def linear_cross_entropy(hidden, weight, targets, dtype=None):
+    """Summed cross-entropy of `hidden @ weight.T` against `targets`, in chunks of CHUNK rows, the matmuls in
+    `dtype` (default: the head's own dtype).
 
     Three cases: a trained head goes through plain autograd; a frozen head with a gradient wanted uses
     LinearCrossEntropy; with no gradient wanted (evaluation) only the loss is computed, accumulated in
@@ -178,16 +180,32 @@ def linear_cross_entropy(hidden, weight, targets):
 
     if weight.requires_grad:
         return F.cross_entropy((hidden @ weight.T).float(), targets, reduction="sum")
+    dtype = dtype or weight.dtype
     if torch.is_grad_enabled() and hidden.requires_grad:
         if _LCE is None:
             _LCE = _linear_cross_entropy()
-        return _LCE.apply(hidden, weight, targets)
+        return _LCE.apply(hidden, weight, targets, dtype)
     total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-    h_all = hidden.to(weight.dtype)
-    for i in range(0, hidden.shape[0], CHUNK):
-        logits = (h_all[i:i + CHUNK] @ weight.T).float()
-        total += F.cross_entropy(logits, targets[i:i + CHUNK], reduction="sum").double()
+    with torch.autocast(hidden.device.type, enabled=False):
+        h_all, w = hidden.to(dtype), weight.to(dtype)
+        for i in range(0, hidden.shape[0], CHUNK):
+            logits = (h_all[i:i + CHUNK] @ w.T).float()
+            total += F.cross_entropy(logits, targets[i:i + CHUNK], reduction="sum").double()
     return total
+
+
+def head_dtype(weight, device_type: str):
+    """The dtype the output head's matmul runs in: the run's autocast dtype where it is narrower than the
+    head's. On the QLoRA path PEFT's kbit preparation casts the head to fp32, while the run computes in
+    bf16 (or fp16): an fp32 head matmul over (positions x vocabulary) would cost several times a bf16 one
+    (on CUDA and on CPUs with AMX alike) for no gain, since log-sum-exp stays in fp32 either way."""
+    import torch
+
+    if torch.is_autocast_enabled(device_type):
+        run = torch.get_autocast_dtype(device_type)
+        if run.itemsize < weight.dtype.itemsize:
+            return run
+    return weight.dtype
 
 
 def trained_positions_loss(model, inputs: dict, labels, autocast=None, sharded: bool = False):
@@ -217,7 +235,8 @@ def trained_positions_loss(model, inputs: dict, labels, autocast=None, sharded: 
         with final_hidden_state(base) as kept:
             model(**inputs, use_cache=False, logits_to_keep=1)
         hidden = kept[-1][:, :-1]
-        return linear_cross_entropy(hidden[mask], head.weight, shift[mask]), mask.sum()
+        dtype = head_dtype(head.weight, hidden.device.type)
+    return linear_cross_entropy(hidden[mask], head.weight, shift[mask], dtype), mask.sum()
 
 
 @contextlib.contextmanager

@@ -108,3 +108,55 @@ def test_trained_positions_loss_keeps_only_the_final_hidden_state(tiny):
     assert any(g.abs().sum() > 0 for g in got_grads.values())
     # the hook is gone afterwards: a plain call of the model is untouched
     assert not base.get_decoder()._forward_hooks
+
+
+def test_fp32_head_runs_in_bf16_within_bf16_tolerance(monkeypatch):
+    """An fp32 head (QLoRA after PEFT's kbit preparation) in a bf16 run: the matmuls run in bf16 with fp32
+    log-sum-exp. Loss and gradient equal the bf16-matmul reference closely and the fp32 loss within bf16
+    tolerance, in training and in evaluation."""
+    monkeypatch.setattr(speed, "CHUNK", 7)
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(30, 64, generator=g, requires_grad=True)
+    weight = torch.randn(300, 64, generator=g) * 0.2
+    targets = torch.randint(0, 300, (30,), generator=g)
+    got = speed.linear_cross_entropy(hidden, weight, targets, torch.bfloat16)
+    got.backward()
+    grad, hidden.grad = hidden.grad.clone(), None
+    assert grad.dtype == torch.float32  # the gradient keeps the hidden state's dtype
+    as_bf16 = F.cross_entropy((hidden.bfloat16() @ weight.bfloat16().T).float(), targets, reduction="sum")
+    as_bf16.backward()
+    bf16_grad, hidden.grad = hidden.grad.clone(), None
+    exact = F.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    exact.backward()
+    assert got.item() == pytest.approx(as_bf16.item(), rel=1e-5)
+    torch.testing.assert_close(grad, bf16_grad, rtol=1e-2, atol=1e-2)  # bf16 rounding of the softmax before its matmul
+    assert got.item() == pytest.approx(exact.item(), rel=2e-2) and got.item() != pytest.approx(exact.item(), rel=1e-6)
+    torch.testing.assert_close(grad, hidden.grad, rtol=2e-2, atol=2e-2)
+    with torch.no_grad():
+        assert speed.linear_cross_entropy(hidden, weight, targets, torch.bfloat16).item() == pytest.approx(as_bf16.item(), rel=1e-5)
+
+
+def test_qlora_head_follows_the_runs_dtype(tiny):
+    """On a real 4-bit base after PEFT's kbit preparation the head is fp32; under bf16 autocast the loss runs
+    its matmuls in bf16 (within bf16 tolerance of the fp32 head's loss), without autocast in fp32."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    from finetune import models
+    from finetune.recipe import ModelSection
+
+    loaded = models.load(ModelSection(base=str(tiny), quantization="4bit", dtype="bf16", device="cpu"), log=lambda s: None)
+    model = get_peft_model(prepare_model_for_kbit_training(loaded.model, use_gradient_checkpointing=False),
+                           LoraConfig(r=4, target_modules="all-linear"))
+    head = model.get_base_model().get_output_embeddings().weight
+    assert head.dtype == torch.float32
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    inputs = {"input_ids": ids}
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    with autocast:
+        assert speed.head_dtype(head, "cpu") == torch.bfloat16
+    assert speed.head_dtype(head, "cpu") == torch.float32
+    mixed, n = speed.trained_positions_loss(model, inputs, ids, autocast)
+    plain, _ = speed.trained_positions_loss(model, inputs, ids)
+    assert int(n) == 22 and mixed.item() == pytest.approx(plain.item(), rel=2e-2)
+    mixed.backward()  # the gradient flows back into the LoRA weights through the bf16 head
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
