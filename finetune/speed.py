@@ -39,12 +39,7 @@ def choose(recipe, loaded, method: str) -> RunSettings:
 
     n_params = parameter_count(loaded.model)  # 4-bit weights count as what they hold, not their packed size
     t = recipe.training
-    gc = t.gradient_checkpointing
-    if gc == "auto":
-        # recomputation costs ~30 % speed; worth it where activations don't fit: big models on GPUs. DPO on a
-        # CPU is the exception: its full-vocabulary logits for chosen and rejected make each step allocate GBs,
-        # and recomputing measured faster than keeping them (4.4 s vs 4.8 s a step, 37 % less memory; bench/)
-        gc = (loaded.device == "cuda" and n_params >= 1e9) or (loaded.device == "cpu" and method == "dpo")
+    gc = gradient_checkpointing(t.gradient_checkpointing, loaded.device, n_params, method)
     pf = t.padding_free
     if pf == "auto":
         # flattening the batch removes padding work; on CUDA it pays with a varlen (flash) kernel, on CPU with ours
@@ -58,6 +53,17 @@ def choose(recipe, loaded, method: str) -> RunSettings:
     return RunSettings(loaded.device, str(loaded.dtype).removeprefix("torch."), loaded.quantization, bool(gc), bool(pf),
                  recipe.data.packing, attention, "chunked cross-entropy over trained positions" if method == "sft" else "TRL DPO loss",
                  "glibc, freed memory reused" if loaded.device == "cpu" and reuse_freed_memory(dry_run=True) else "default")
+
+
+def gradient_checkpointing(setting, device: str, n_params: int, method: str) -> bool:
+    """`training.gradient_checkpointing` resolved; the memory estimate (inspect.py) calls this too, so it
+    plans for what training will do."""
+    if setting != "auto":
+        return bool(setting)
+    # recomputation costs ~30 % speed; worth it where activations don't fit: big models on GPUs. DPO on a
+    # CPU is the exception: its full-vocabulary logits for chosen and rejected make each step allocate GBs,
+    # and recomputing measured faster than keeping them (4.4 s vs 4.8 s a step, 37 % less memory; bench/)
+    return (device == "cuda" and n_params >= 1e9) or (device == "cpu" and method == "dpo")
 
 
 def apply(base_model, peft_model, settings: RunSettings) -> None:
