@@ -165,7 +165,9 @@ def _linear_cross_entropy():
         @staticmethod
         def backward(ctx, grad_output):
             (grad,) = ctx.saved_tensors
-            return grad * grad_output.to(grad.dtype), None, None, None
+            # grad_output stays fp32: with fp16 and a loss scaler it is scale / tokens, and a scale of 65536
+            # over one token is already past fp16's largest number (the product is rounded only once)
+            return grad * grad_output, None, None, None
 
     return LinearCrossEntropy
 

@@ -160,3 +160,19 @@ def test_qlora_head_follows_the_runs_dtype(tiny):
     assert int(n) == 22 and mixed.item() == pytest.approx(plain.item(), rel=2e-2)
     mixed.backward()  # the gradient flows back into the LoRA weights through the bf16 head
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_fp16_loss_scaler_through_the_chunked_head():
+    """fp16 runs (GPUs without native bf16) train with a loss scaler: the scaled gradient that reaches the
+    head is scale / tokens, 65536 for one token, past fp16's largest number. Unscaled, the gradient equals
+    the fp32 one within fp16 tolerance instead of coming out inf."""
+    g = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(1, 32, generator=g) * 0.5).half().requires_grad_()
+    weight = (torch.randn(100, 32, generator=g) * 0.2).half()
+    targets = torch.tensor([7])
+    scale = 65536.0
+    (speed.linear_cross_entropy(hidden, weight, targets) * scale).backward()
+    assert hidden.grad.dtype == torch.float16 and torch.isfinite(hidden.grad).all()
+    h32 = hidden.detach().float().requires_grad_()
+    F.cross_entropy(h32 @ weight.float().T, targets, reduction="sum").backward()
+    torch.testing.assert_close(hidden.grad.float() / scale, h32.grad, rtol=1e-2, atol=1e-3)
