@@ -103,32 +103,97 @@ def reuse_freed_memory(dry_run: bool = False) -> bool:
 
 
 def varlen_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    """SDPA run once per sequence of a padding-free batch (sequence bounds from the collator's
-    `cu_seq_lens_q`); any other batch goes to transformers' own SDPA path unchanged."""
+    """Causal attention within each sequence of a padding-free batch, the sequences found from the collator's
+    `cu_seq_lens_q` (or, without it, from where `position_ids` restart). On CUDA with torch's varlen flash
+    kernel the whole batch is one call reading the bounds on the device; elsewhere SDPA runs once per
+    sequence, the bounds read to the host once per batch (sequence_bounds). No (tokens x tokens) mask is
+    built (varlen_mask). Any other batch goes to transformers' own SDPA path unchanged."""
     import torch
     import torch.nn.functional as F
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     cu = kwargs.get("cu_seq_lens_q")
-    if cu is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+    if cu is not None and query.shape[0] != 1:
+        cu = None  # cumulative lengths describe one flattened row
+    positions = kwargs.get("position_ids")
+    if attention_mask is not None or query.shape[2] != key.shape[2] or (cu is None and positions is None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+    p = dropout if module.training else 0.0
+    max_len = kwargs.get("max_length_q")
+    if cu is not None and max_len is not None and p == 0.0 and cuda_varlen_kernel(query):
+        from torch.nn.attention.varlen import varlen_attn
+
+        # (1, heads, tokens, dim) -> (tokens, heads, dim); grouped KV heads are expanded by the kernel itself
+        out = varlen_attn(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu.to(torch.int32),
+                          cu.to(torch.int32), int(max_len), int(max_len), scale=scaling, window_size=(-1, 0),
+                          enable_gqa=query.shape[1] != key.shape[1])
+        return out.unsqueeze(0), None
     n_rep = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
-    bounds = cu.tolist()
-    p = dropout if module.training else 0.0
-    out = torch.cat([F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=p,
-                                                    is_causal=True, scale=scaling)
-                     for s, e in zip(bounds[:-1], bounds[1:])], dim=2)
+    rows = sequence_bounds(cu if cu is not None else positions, from_positions=cu is None)
+    if len(rows) == 1 and len(rows[0]) == 2:  # one sequence per row: plain causal attention
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=p, is_causal=True, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+    out = torch.cat([torch.cat([F.scaled_dot_product_attention(query[r:r + 1, :, s:e], key[r:r + 1, :, s:e], value[r:r + 1, :, s:e],
+                                                               dropout_p=p, is_causal=True, scale=scaling)
+                                for s, e in zip(bounds[:-1], bounds[1:])], dim=2)
+                     for r, bounds in enumerate(rows)])
     return out.transpose(1, 2).contiguous(), None
+
+
+_BOUNDS: list = [None, None]  # [weak reference to the tensor the bounds were read from, the bounds]
+
+
+def sequence_bounds(t, from_positions: bool = False) -> list[list[int]]:
+    """Start and end offsets of the sequences in each row of a flattened batch, from cumulative lengths (one
+    row) or from position ids (a new sequence where they do not go up by one). Every layer gets the same
+    tensor, so it is read to the host once per batch: on CUDA each read waits for the GPU to catch up."""
+    import weakref
+
+    ref, bounds = _BOUNDS
+    if ref is not None and ref() is t:
+        return bounds
+    if from_positions:
+        pos = t.reshape(-1, t.shape[-1])
+        starts = (pos.diff(dim=-1) != 1).cpu()
+        bounds = [[0, *(i + 1 for i in row.nonzero().flatten().tolist()), pos.shape[-1]] for row in starts]
+    else:
+        bounds = [t.tolist()]
+    _BOUNDS[:] = [weakref.ref(t), bounds]
+    return bounds
+
+
+def cuda_varlen_kernel(query) -> bool:
+    """torch's variable-length flash attention (torch.nn.attention.varlen, torch 2.9+) can run this batch:
+    a CUDA tensor in bf16/fp16 on an Ampere or newer GPU."""
+    import torch
+
+    if not query.is_cuda or query.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    try:
+        import torch.nn.attention.varlen  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(query.device)[0] >= 8
+
+
+def varlen_mask(*args, attention_mask=None, **kwargs):
+    """The mask for VARLEN: none for a batch without padding (varlen_sdpa keeps its sequences apart itself,
+    where transformers' SDPA mask would be a dense tokens x tokens block-diagonal one), SDPA's for any other."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
 def use_varlen_attention(model) -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     AttentionInterface.register(VARLEN, varlen_sdpa)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN, varlen_mask)
     model.set_attn_implementation(VARLEN)
 
 

@@ -176,3 +176,45 @@ def test_fp16_loss_scaler_through_the_chunked_head():
     h32 = hidden.detach().float().requires_grad_()
     F.cross_entropy(h32 @ weight.float().T, targets, reduction="sum").backward()
     torch.testing.assert_close(hidden.grad.float() / scale, h32.grad, rtol=1e-2, atol=1e-3)
+
+
+def test_varlen_attention_finds_sequences_without_cumulative_lengths_and_builds_no_dense_mask(tiny):
+    """Without `cu_seq_lens_q` the sequences are found where position_ids restart, in any row; no
+    (tokens x tokens) mask is built for a batch without padding, where SDPA's would be one."""
+    from transformers import AutoModelForCausalLM
+    from transformers.masking_utils import create_causal_mask
+
+    seqs = [list(range(5, 17)), list(range(20, 27)), list(range(30, 39)), list(range(40, 50))]
+    ref_model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    speed.use_varlen_attention(model)
+    rows = [seqs[0] + seqs[1], seqs[2] + seqs[3][:10]]
+    ids = torch.tensor(rows)
+    positions = torch.tensor([list(range(12)) + list(range(7)), list(range(9)) + list(range(10))])
+    with torch.no_grad():
+        got = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+        alone = [torch.cat([ref_model(input_ids=torch.tensor([s])).logits for s in pair], dim=1) for pair in (seqs[:2], seqs[2:])]
+        torch.testing.assert_close(got, torch.cat(alone), rtol=1e-4, atol=1e-4)
+        plain = torch.tensor([seqs[0], list(range(60, 72))])  # one sequence a row, no mask: plain causal attention
+        torch.testing.assert_close(model(input_ids=plain).logits, ref_model(input_ids=plain).logits, rtol=1e-4, atol=1e-4)
+    embeds = torch.zeros(2, ids.shape[1], model.config.hidden_size)
+    args = dict(inputs_embeds=embeds, attention_mask=None, past_key_values=None, position_ids=positions)
+    assert create_causal_mask(config=model.config, **args) is None
+    dense = create_causal_mask(config=ref_model.config, **args)
+    assert dense is not None and tuple(dense.shape[-2:]) == (19, 19)
+    assert speed.sequence_bounds(positions, from_positions=True) == [[0, 12, 19], [0, 9, 19]]
+
+
+@pytest.mark.gpu
+def test_cuda_varlen_kernel_equals_attention_per_sequence():
+    """torch's varlen flash kernel on a padding-free batch gives what SDPA per sequence gives."""
+    from types import SimpleNamespace
+
+    q = torch.randn(1, 8, 40, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = torch.randn(1, 2, 40, 64, device="cuda", dtype=torch.bfloat16), torch.randn(1, 2, 40, 64, device="cuda", dtype=torch.bfloat16)
+    cu = torch.tensor([0, 12, 19, 40], device="cuda", dtype=torch.int32)
+    module = SimpleNamespace(training=False, num_key_value_groups=4)
+    assert speed.cuda_varlen_kernel(q)
+    fast, _ = speed.varlen_sdpa(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=21)
+    slow, _ = speed.varlen_sdpa(module, q, k, v, None, cu_seq_lens_q=cu)  # no max length: the per-sequence loop
+    torch.testing.assert_close(fast, slow, rtol=2e-2, atol=2e-2)
