@@ -132,6 +132,8 @@ def varlen_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
     n_rep = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
     rows = sequence_bounds(cu if cu is not None else positions, from_positions=cu is None)
+    if len(rows) == 1 and query.shape[0] > 1:
+        rows = rows * query.shape[0]  # one row of position ids shared by the batch (the model's default)
     if len(rows) == 1 and len(rows[0]) == 2:  # one sequence per row: plain causal attention
         out = F.scaled_dot_product_attention(query, key, value, dropout_p=p, is_causal=True, scale=scaling)
         return out.transpose(1, 2).contiguous(), None

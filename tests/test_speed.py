@@ -195,6 +195,11 @@ def test_varlen_attention_finds_sequences_without_cumulative_lengths_and_builds_
         got = model(input_ids=ids, position_ids=positions, use_cache=False).logits
         alone = [torch.cat([ref_model(input_ids=torch.tensor([s])).logits for s in pair], dim=1) for pair in (seqs[:2], seqs[2:])]
         torch.testing.assert_close(got, torch.cat(alone), rtol=1e-4, atol=1e-4)
+        shared = [seqs[0] + seqs[1], list(range(60, 72)) + list(range(80, 87))]  # one row of positions for the batch
+        got = model(input_ids=torch.tensor(shared), position_ids=positions[:1], use_cache=False).logits
+        alone = [torch.cat([ref_model(input_ids=torch.tensor([r[:12]])).logits, ref_model(input_ids=torch.tensor([r[12:]])).logits], dim=1)
+                 for r in shared]
+        torch.testing.assert_close(got, torch.cat(alone), rtol=1e-4, atol=1e-4)
         plain = torch.tensor([seqs[0], list(range(60, 72))])  # one sequence a row, no mask: plain causal attention
         torch.testing.assert_close(model(input_ids=plain).logits, ref_model(input_ids=plain).logits, rtol=1e-4, atol=1e-4)
     embeds = torch.zeros(2, ids.shape[1], model.config.hidden_size)
