@@ -93,14 +93,18 @@ RUNTIME_GIB = {"cpu": 0.75, "cuda": 0.0, "mps": 0.0}
 # Measured with TRL 1.16's DPO loss (tests/test_inspect.py): at its peak it holds about ten tensors the size
 # of the full-vocabulary logits of all rows (policy and reference logits, their log-softmax, the gradients).
 DPO_LOGIT_COPIES = 10
+# On CUDA, GPU memory the tensors never see: the CUDA context with its kernels (cuBLAS, cuDNN; commonly
+# 0.3-0.7 GiB per process, not in torch's counters) and the caching allocator's slack, blocks reserved but
+# not holding a tensor at the peak (reserved over allocated; ~10 % in typical training runs).
+CUDA_CONTEXT_GIB = 0.5
+ALLOCATOR_SLACK = 0.10
 
 
 def resolve_gradient_checkpointing(recipe: Recipe, device: str, parameters: int, method: str) -> bool:
-    """The same choice as speed.choose, from the recipe and the parameter count alone."""
-    gc = recipe.training.gradient_checkpointing
-    if gc != "auto":
-        return gc
-    return (device == "cuda" and parameters >= 1e9) or (device == "cpu" and method == "dpo")
+    """What training will choose (speed.gradient_checkpointing), from the recipe and the parameter count alone."""
+    from finetune.speed import gradient_checkpointing
+
+    return gradient_checkpointing(recipe.training.gradient_checkpointing, device, parameters, method)
 
 
 def memory_estimate(recipe: Recipe, cfg, dtype_bytes: int = 2, *, method: str | None = None, device: str | None = None,
@@ -108,13 +112,16 @@ def memory_estimate(recipe: Recipe, cfg, dtype_bytes: int = 2, *, method: str | 
     """Peak training memory in GiB, for a batch of examples `length` tokens long (default `data.max_length`,
     the worst case; batches are padded to their longest example, so the data's longest sets the peak).
 
-    weights: the base (4-bit: half a byte per linear weight plus its quantization constants).
+    weights: the base (4-bit: half a byte per linear weight plus its quantization constants). A quantized base's
+    other weights (embeddings, norms, output head) are fp32: PEFT's kbit preparation upcasts them.
     adapters_and_optimizer: LoRA weights, gradients and two AdamW moments, all fp32.
     activations: what backward keeps per token and layer (norm, attention and MLP inputs and outputs,
     LoRA inputs), or only each layer's input plus one recomputed layer with gradient checkpointing.
     DPO runs chosen and rejected together (twice the rows) and its loss holds full-vocabulary fp32 logits;
     SFT's loss runs over trained positions in chunks (speed.py), so only a chunk's logits exist at once.
-    runtime: the process around it (see RUNTIME_GIB)."""
+    runtime: the process around it (see RUNTIME_GIB).
+    cuda_context and allocator_slack: on CUDA only (see CUDA_CONTEXT_GIB); what to hold against the GPU's free
+    memory is the total, what torch reports as allocated at the peak is the total without them."""
     from finetune.speed import CHUNK
 
     method = method or ("dpo" if recipe.dpo is not None else "sft")
@@ -123,7 +130,9 @@ def memory_estimate(recipe: Recipe, cfg, dtype_bytes: int = 2, *, method: str | 
     h, layers, vocab, inter = p["hidden"], p["layers"], p["vocab"], p["intermediate"]
     # NF4 with double quantization: 4 bits a weight plus an 8-bit scale per block of 64; int8: a byte plus a row scale
     per_linear = {"4bit": 0.5 + 1 / 64, "8bit": 1.0 + 4 / h, "none": dtype_bytes}[recipe.model.quantization]
-    weights = p["linear"] * per_linear + (p["parameters"] - p["linear"]) * dtype_bytes
+    quantized = recipe.model.quantization != "none"
+    other_bytes = 4 if quantized else dtype_bytes  # prepare_model_for_kbit_training casts them to fp32
+    weights = p["linear"] * per_linear + (p["parameters"] - p["linear"]) * other_bytes
     adapters = p["lora"] * 16  # fp32 weights + gradients + two AdamW moments
     rows = recipe.training.batch_size * (2 if method == "dpo" else 1)
     tokens = rows * min(length or recipe.data.max_length, recipe.data.max_length)
@@ -136,9 +145,14 @@ def memory_estimate(recipe: Recipe, cfg, dtype_bytes: int = 2, *, method: str | 
         head = DPO_LOGIT_COPIES * tokens * vocab * 4
     else:
         head = 3 * min(CHUNK, tokens) * vocab * 4 + tokens * h * 4  # one chunk's logits, softmax and gradient
+        if quantized and dtype_bytes < 4:
+            head += vocab * h * dtype_bytes  # the fp32 head's copy in the run's dtype, for the loss's matmuls
     gib = 2**30
     est = {"weights": weights / gib, "adapters_and_optimizer": adapters / gib, "activations": (act + head) / gib,
            "runtime": RUNTIME_GIB.get(device, 0.0)}
+    cuda = device == "cuda"
+    est["cuda_context"] = CUDA_CONTEXT_GIB if cuda else 0.0
+    est["allocator_slack"] = ALLOCATOR_SLACK * (weights + adapters + act + head) / gib if cuda else 0.0
     est["total"] = sum(est.values())
     est["lora_parameters"] = p["lora"]
     est["base_parameters"] = p["parameters"]
@@ -147,11 +161,15 @@ def memory_estimate(recipe: Recipe, cfg, dtype_bytes: int = 2, *, method: str | 
 
 
 def available_memory_gib(device: str) -> float | None:
+    """Memory this process can use, to hold against the estimate's total. On CUDA: the GPU's *free* memory
+    (other processes' use is not ours to take), plus what this process already holds (its cached blocks and,
+    since asking creates it, its context: both are counted in the estimate)."""
     try:
         if device == "cuda":
             import torch
 
-            return torch.cuda.get_device_properties(0).total_memory / 2**30
+            free, _ = torch.cuda.mem_get_info()
+            return (free + torch.cuda.memory_reserved()) / 2**30 + CUDA_CONTEXT_GIB
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError, AttributeError):
         return None
@@ -233,6 +251,8 @@ def run(recipe: Recipe, *, examples: int = 2, as_json: bool = False) -> None:
     # for this data's longest example; the recipe's max_length is the bound for any data
     stats["memory_estimate_gib"] = memory_estimate(recipe, cfg, dtype_bytes, method=method, device=device, length=stats["tokens"]["max"])
     stats["memory_estimate_at_max_length_gib"] = memory_estimate(recipe, cfg, dtype_bytes, method=method, device=device)["total"]
+    if device == "cuda":  # what the estimate must fit in: free GPU memory, not the card's size
+        stats["memory_available_gib"] = round(available_memory_gib(device) or 0.0, 2)
     if as_json:
         print(json.dumps(stats, indent=2))
         return
@@ -252,9 +272,12 @@ def run(recipe: Recipe, *, examples: int = 2, as_json: bool = False) -> None:
                                             if c[a]) or "change nothing (finetune data clean)")
     m = stats["memory_estimate_gib"]
     t.add_row("memory estimate", f"{m['total']:.2f} GiB = weights {m['weights']:.2f} + adapters/optimizer {m['adapters_and_optimizer']:.2f} "
-              f"+ activations and logits {m['activations']:.2f} + runtime {m['runtime']:.2f} ({method}, {recipe.model.quantization}, "
+              f"+ activations and logits {m['activations']:.2f} + runtime {m['runtime']:.2f}"
+              + (f" + CUDA context {m['cuda_context']:.2f} + allocator slack {m['allocator_slack']:.2f}" if m["cuda_context"] else "")
+              + f" ({method}, {recipe.model.quantization}, "
               f"{m['lora_parameters']:,} LoRA parameters) · {stats['memory_estimate_at_max_length_gib']:.2f} GiB for examples of "
-              f"max_length {recipe.data.max_length}")
+              f"max_length {recipe.data.max_length}"
+              + (f" · {stats['memory_available_gib']:.2f} GiB available on the GPU" if "memory_available_gib" in stats else ""))
     console.print(t)
     if prepared.format != "preference":
         console.print("[bold]examples[/] ([bold black on green]trained[/], [dim]not trained[/]):")

@@ -35,7 +35,8 @@ class Plan:
 def preflight(recipe: Recipe, method: str, launch: Launch, device: str | None = None, resume: bool = False, *,
               overwrite: bool = False, rerun: str | None = None, log: Callable[[str], None] = print) -> Plan:
     device = device or models.pick_device(recipe.model.device)
-    models.pick_dtype(recipe.model.dtype, device)
+    dtype = models.pick_dtype(recipe.model.dtype, device)
+    check_attention(recipe.model, device, dtype)
     check_launch(recipe, launch, device)
     check_base(recipe.model, log)
     check_adapter(recipe.model)
@@ -78,6 +79,34 @@ def check_launch(recipe: Recipe, launch: Launch, device: str) -> None:
             problems.append(f"--num-processes {launch.processes}: only {torch.cuda.device_count()} CUDA GPU(s) visible — use at most that many")
     if problems:
         raise UserError("\n".join(problems))
+
+
+# ---- the attention kernel --------------------------------------------------------------------------
+
+FLASH_ATTN_PIP = "pip install flash-attn --no-build-isolation"
+
+
+def check_attention(section: ModelSection, device: str, dtype) -> None:
+    """flash_attention_2 asked for where it cannot run. transformers would raise an ImportError while loading
+    the base (after minutes, for a big one); say what is missing now, with the install line."""
+    if section.attn_implementation != "flash_attention_2":
+        return
+    import torch
+
+    problems = []
+    if device != "cuda":
+        problems.append(f"needs a CUDA GPU and this run is on {device}")
+    if find_spec("flash_attn") is None:
+        problems.append(f"needs the flash-attn package: {FLASH_ATTN_PIP} (it compiles against the CUDA toolkit "
+                        "unless a prebuilt wheel matches your torch and CUDA versions)")
+    if dtype not in (torch.bfloat16, torch.float16):
+        problems.append(f"runs in bf16 or fp16 only and this run's dtype is {str(dtype).removeprefix('torch.')}")
+    if device == "cuda" and torch.cuda.get_device_capability()[0] < 8:
+        problems.append(f"needs an Ampere or newer GPU (compute capability 8.0+); this one is "
+                        f"{'.'.join(map(str, torch.cuda.get_device_capability()))}")
+    if problems:
+        raise UserError("model.attn_implementation: flash_attention_2 " + "; ".join(problems)
+                        + " — or use `sdpa` (PyTorch's own fused attention, no install needed)")
 
 
 # ---- the base and the starting adapter -------------------------------------------------------------

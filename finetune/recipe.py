@@ -34,10 +34,12 @@ class ModelSection(Section):
     )
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field(
         "auto",
-        description="Compute dtype. `auto`: bf16 on GPUs and CPUs that support it, else fp16 (GPU) or fp32.",
+        description="Compute dtype. `auto`: bf16 on GPUs and CPUs that support it, else fp16 (GPU) or fp32. "
+        "fp16 trains with a loss scaler.",
     )
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
-        "auto", description="Attention kernel. `auto` uses PyTorch SDPA."
+        "auto", description="Attention kernel. `auto` uses PyTorch SDPA. `flash_attention_2` needs a CUDA GPU (Ampere or "
+        "newer), bf16/fp16 and `pip install flash-attn --no-build-isolation`."
     )
     device: Literal["auto", "cpu", "cuda", "mps"] = Field(
         "auto", description="Where to train. `auto`: CUDA if present, else MPS, else CPU."

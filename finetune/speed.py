@@ -11,6 +11,7 @@ and the pieces of work no library does for us on a CPU (measured in bench/, see 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 VARLEN = "finetune_varlen_sdpa"
@@ -38,12 +39,7 @@ def choose(recipe, loaded, method: str) -> RunSettings:
 
     n_params = parameter_count(loaded.model)  # 4-bit weights count as what they hold, not their packed size
     t = recipe.training
-    gc = t.gradient_checkpointing
-    if gc == "auto":
-        # recomputation costs ~30 % speed; worth it where activations don't fit: big models on GPUs. DPO on a
-        # CPU is the exception: its full-vocabulary logits for chosen and rejected make each step allocate GBs,
-        # and recomputing measured faster than keeping them (4.4 s vs 4.8 s a step, 37 % less memory; bench/)
-        gc = (loaded.device == "cuda" and n_params >= 1e9) or (loaded.device == "cpu" and method == "dpo")
+    gc = gradient_checkpointing(t.gradient_checkpointing, loaded.device, n_params, method)
     pf = t.padding_free
     if pf == "auto":
         # flattening the batch removes padding work; on CUDA it pays with a varlen (flash) kernel, on CPU with ours
@@ -57,6 +53,17 @@ def choose(recipe, loaded, method: str) -> RunSettings:
     return RunSettings(loaded.device, str(loaded.dtype).removeprefix("torch."), loaded.quantization, bool(gc), bool(pf),
                  recipe.data.packing, attention, "chunked cross-entropy over trained positions" if method == "sft" else "TRL DPO loss",
                  "glibc, freed memory reused" if loaded.device == "cpu" and reuse_freed_memory(dry_run=True) else "default")
+
+
+def gradient_checkpointing(setting, device: str, n_params: int, method: str) -> bool:
+    """`training.gradient_checkpointing` resolved; the memory estimate (inspect.py) calls this too, so it
+    plans for what training will do."""
+    if setting != "auto":
+        return bool(setting)
+    # recomputation costs ~30 % speed; worth it where activations don't fit: big models on GPUs. DPO on a
+    # CPU is the exception: its full-vocabulary logits for chosen and rejected make each step allocate GBs,
+    # and recomputing measured faster than keeping them (4.4 s vs 4.8 s a step, 37 % less memory; bench/)
+    return (device == "cuda" and n_params >= 1e9) or (device == "cpu" and method == "dpo")
 
 
 def apply(base_model, peft_model, settings: RunSettings) -> None:
@@ -96,32 +103,99 @@ def reuse_freed_memory(dry_run: bool = False) -> bool:
 
 
 def varlen_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    """SDPA run once per sequence of a padding-free batch (sequence bounds from the collator's
-    `cu_seq_lens_q`); any other batch goes to transformers' own SDPA path unchanged."""
+    """Causal attention within each sequence of a padding-free batch, the sequences found from the collator's
+    `cu_seq_lens_q` (or, without it, from where `position_ids` restart). On CUDA with torch's varlen flash
+    kernel the whole batch is one call reading the bounds on the device; elsewhere SDPA runs once per
+    sequence, the bounds read to the host once per batch (sequence_bounds). No (tokens x tokens) mask is
+    built (varlen_mask). Any other batch goes to transformers' own SDPA path unchanged."""
     import torch
     import torch.nn.functional as F
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     cu = kwargs.get("cu_seq_lens_q")
-    if cu is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
+    if cu is not None and query.shape[0] != 1:
+        cu = None  # cumulative lengths describe one flattened row
+    positions = kwargs.get("position_ids")
+    if attention_mask is not None or query.shape[2] != key.shape[2] or (cu is None and positions is None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+    p = dropout if module.training else 0.0
+    max_len = kwargs.get("max_length_q")
+    if cu is not None and max_len is not None and p == 0.0 and cuda_varlen_kernel(query):
+        from torch.nn.attention.varlen import varlen_attn
+
+        # (1, heads, tokens, dim) -> (tokens, heads, dim); grouped KV heads are expanded by the kernel itself
+        out = varlen_attn(query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), cu.to(torch.int32),
+                          cu.to(torch.int32), int(max_len), int(max_len), scale=scaling, window_size=(-1, 0),
+                          enable_gqa=query.shape[1] != key.shape[1])
+        return out.unsqueeze(0), None
     n_rep = query.shape[1] // key.shape[1]
     key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
-    bounds = cu.tolist()
-    p = dropout if module.training else 0.0
-    out = torch.cat([F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=p,
-                                                    is_causal=True, scale=scaling)
-                     for s, e in zip(bounds[:-1], bounds[1:])], dim=2)
+    rows = sequence_bounds(cu if cu is not None else positions, from_positions=cu is None)
+    if len(rows) == 1 and query.shape[0] > 1:
+        rows = rows * query.shape[0]  # one row of position ids shared by the batch (the model's default)
+    if len(rows) == 1 and len(rows[0]) == 2:  # one sequence per row: plain causal attention
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=p, is_causal=True, scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
+    out = torch.cat([torch.cat([F.scaled_dot_product_attention(query[r:r + 1, :, s:e], key[r:r + 1, :, s:e], value[r:r + 1, :, s:e],
+                                                               dropout_p=p, is_causal=True, scale=scaling)
+                                for s, e in zip(bounds[:-1], bounds[1:])], dim=2)
+                     for r, bounds in enumerate(rows)])
     return out.transpose(1, 2).contiguous(), None
+
+
+_BOUNDS: list = [None, None]  # [weak reference to the tensor the bounds were read from, the bounds]
+
+
+def sequence_bounds(t, from_positions: bool = False) -> list[list[int]]:
+    """Start and end offsets of the sequences in each row of a flattened batch, from cumulative lengths (one
+    row) or from position ids (a new sequence where they do not go up by one). Every layer gets the same
+    tensor, so it is read to the host once per batch: on CUDA each read waits for the GPU to catch up."""
+    import weakref
+
+    ref, bounds = _BOUNDS
+    if ref is not None and ref() is t:
+        return bounds
+    if from_positions:
+        pos = t.reshape(-1, t.shape[-1])
+        starts = (pos.diff(dim=-1) != 1).cpu()
+        bounds = [[0, *(i + 1 for i in row.nonzero().flatten().tolist()), pos.shape[-1]] for row in starts]
+    else:
+        bounds = [t.tolist()]
+    _BOUNDS[:] = [weakref.ref(t), bounds]
+    return bounds
+
+
+def cuda_varlen_kernel(query) -> bool:
+    """torch's variable-length flash attention (torch.nn.attention.varlen, torch 2.9+) can run this batch:
+    a CUDA tensor in bf16/fp16 on an Ampere or newer GPU."""
+    import torch
+
+    if not query.is_cuda or query.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    try:
+        import torch.nn.attention.varlen  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(query.device)[0] >= 8
+
+
+def varlen_mask(*args, attention_mask=None, **kwargs):
+    """The mask for VARLEN: none for a batch without padding (varlen_sdpa keeps its sequences apart itself,
+    where transformers' SDPA mask would be a dense tokens x tokens block-diagonal one), SDPA's for any other."""
+    from transformers.masking_utils import sdpa_mask
+
+    if attention_mask is None:
+        return None
+    return sdpa_mask(*args, attention_mask=attention_mask, **kwargs)
 
 
 def use_varlen_attention(model) -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     AttentionInterface.register(VARLEN, varlen_sdpa)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(VARLEN, varlen_mask)
     model.set_attn_implementation(VARLEN)
 
 
@@ -135,29 +209,32 @@ def _linear_cross_entropy():
         """Sum over rows of cross_entropy(hidden @ weight.T, targets) for a frozen output head.
 
         Computed in chunks of CHUNK rows; each chunk's gradient w.r.t. `hidden` is formed right away
-        (softmax - one_hot) @ weight, so neither the logits nor softmax outlive their chunk."""
+        (softmax - one_hot) @ weight, so neither the logits nor softmax outlive their chunk. The matmuls run
+        in `dtype`; log-sum-exp, softmax and the sum in fp32."""
 
         @staticmethod
-        def forward(ctx, hidden, weight, targets):
+        def forward(ctx, hidden, weight, targets, dtype):
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             grad = torch.empty_like(hidden)
             with torch.autocast(hidden.device.type, enabled=False):
-                h_all = hidden.to(weight.dtype)
+                h_all, w = hidden.to(dtype), weight.to(dtype)
                 for i in range(0, hidden.shape[0], CHUNK):
                     h, t = h_all[i:i + CHUNK], targets[i:i + CHUNK]
-                    logits = (h @ weight.T).float()
+                    logits = (h @ w.T).float()
                     lse = torch.logsumexp(logits, dim=-1)
                     total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
                     probs = logits.sub_(lse[:, None]).exp_()
                     probs[torch.arange(len(t), device=t.device), t] -= 1
-                    grad[i:i + CHUNK] = (probs.to(weight.dtype) @ weight).to(grad.dtype)
+                    grad[i:i + CHUNK] = (probs.to(dtype) @ w).to(grad.dtype)
             ctx.save_for_backward(grad)
             return total
 
         @staticmethod
         def backward(ctx, grad_output):
             (grad,) = ctx.saved_tensors
-            return grad * grad_output.to(grad.dtype), None, None
+            # grad_output stays fp32: with fp16 and a loss scaler it is scale / tokens, and a scale of 65536
+            # over one token is already past fp16's largest number (the product is rounded only once)
+            return grad * grad_output, None, None, None
 
     return LinearCrossEntropy
 
@@ -165,8 +242,9 @@ def _linear_cross_entropy():
 _LCE = None
 
 
-def linear_cross_entropy(hidden, weight, targets):
-    """Summed cross-entropy of `hidden @ weight.T` against `targets`, in chunks of CHUNK rows.
+def linear_cross_entropy(hidden, weight, targets, dtype=None):
+    """Summed cross-entropy of `hidden @ weight.T` against `targets`, in chunks of CHUNK rows, the matmuls in
+    `dtype` (default: the head's own dtype).
 
     Three cases: a trained head goes through plain autograd; a frozen head with a gradient wanted uses
     LinearCrossEntropy; with no gradient wanted (evaluation) only the loss is computed, accumulated in
@@ -177,27 +255,42 @@ def linear_cross_entropy(hidden, weight, targets):
 
     if weight.requires_grad:
         return F.cross_entropy((hidden @ weight.T).float(), targets, reduction="sum")
+    dtype = dtype or weight.dtype
     if torch.is_grad_enabled() and hidden.requires_grad:
         if _LCE is None:
             _LCE = _linear_cross_entropy()
-        return _LCE.apply(hidden, weight, targets)
+        return _LCE.apply(hidden, weight, targets, dtype)
     total = torch.zeros((), dtype=torch.float64, device=hidden.device)
-    h_all = hidden.to(weight.dtype)
-    for i in range(0, hidden.shape[0], CHUNK):
-        logits = (h_all[i:i + CHUNK] @ weight.T).float()
-        total += F.cross_entropy(logits, targets[i:i + CHUNK], reduction="sum").double()
+    with torch.autocast(hidden.device.type, enabled=False):
+        h_all, w = hidden.to(dtype), weight.to(dtype)
+        for i in range(0, hidden.shape[0], CHUNK):
+            logits = (h_all[i:i + CHUNK] @ w.T).float()
+            total += F.cross_entropy(logits, targets[i:i + CHUNK], reduction="sum").double()
     return total
+
+
+def head_dtype(weight, device_type: str):
+    """The dtype the output head's matmul runs in: the run's autocast dtype where it is narrower than the
+    head's. On the QLoRA path PEFT's kbit preparation casts the head to fp32, while the run computes in
+    bf16 (or fp16): an fp32 head matmul over (positions x vocabulary) would cost several times a bf16 one
+    (on CUDA and on CPUs with AMX alike) for no gain, since log-sum-exp stays in fp32 either way."""
+    import torch
+
+    if torch.is_autocast_enabled(device_type):
+        run = torch.get_autocast_dtype(device_type)
+        if run.itemsize < weight.dtype.itemsize:
+            return run
+    return weight.dtype
 
 
 def trained_positions_loss(model, inputs: dict, labels, autocast=None, sharded: bool = False):
     """Summed cross-entropy over the positions whose next-token label is not -100, and their count.
 
     Only those positions go through the output head (linear_cross_entropy): the model runs with its head
-    cut to the last position (`logits_to_keep=1`) and hands back its final hidden states. It runs through
+    cut to the last position (`logits_to_keep=1`) and its final hidden states are caught on the way out. It runs through
     whatever wraps it (DDP, accelerate's autocast), which is what makes gradients sync across processes.
     Heads with extra scaling, soft-capping or a bias, and heads sharded across processes (FSDP, ZeRO-3),
     are scored from the model's own logits instead."""
-    import contextlib
     import inspect
 
     import torch.nn.functional as F
@@ -214,8 +307,30 @@ def trained_positions_loss(model, inputs: dict, labels, autocast=None, sharded: 
         if plain or "logits_to_keep" not in inspect.signature(base.forward).parameters:
             logits = model(**inputs, use_cache=False).logits[:, :-1]
             return F.cross_entropy(logits[mask].float(), shift[mask], reduction="sum"), mask.sum()
-        hidden = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=1).hidden_states[-1][:, :-1]
-    return linear_cross_entropy(hidden[mask], head.weight, shift[mask]), mask.sum()
+        with final_hidden_state(base) as kept:
+            model(**inputs, use_cache=False, logits_to_keep=1)
+        hidden = kept[-1][:, :-1]
+        dtype = head_dtype(head.weight, hidden.device.type)
+    return linear_cross_entropy(hidden[mask], head.weight, shift[mask], dtype), mask.sum()
+
+
+@contextlib.contextmanager
+def final_hidden_state(base):
+    """Catch the decoder's output (the final, normed hidden states) while the model runs.
+
+    `output_hidden_states=True` would hand it back too, but it keeps every layer's hidden states alive until
+    the loss is computed: layers x tokens x hidden more memory, which in evaluation (no autograd keeping
+    them anyway) is most of the peak. A forward hook on the decoder keeps only the last one."""
+    kept = []
+
+    def hook(module, args, output):
+        kept.append(output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0])
+
+    handle = base.get_decoder().register_forward_hook(hook)
+    try:
+        yield kept
+    finally:
+        handle.remove()
 
 
 # ---- LoRA input casting ----------------------------------------------------------------------------

@@ -144,10 +144,10 @@ def warn_memory(recipe: Recipe, loaded: models.Loaded) -> None:
     """A run that will not fit should say so now, not an hour in."""
     from finetune.inspect import available_memory_gib, memory_estimate
 
-    est = memory_estimate(recipe, loaded.model.config, loaded.dtype.itemsize)
-    have = available_memory_gib(loaded.device)
+    est = memory_estimate(recipe, loaded.model.config, loaded.dtype.itemsize, device=loaded.device)
+    have = available_memory_gib(loaded.device)  # on CUDA what is free, not the card's size
     if have and est["total"] > 0.9 * have:
-        console.print(f"[yellow]warning:[/] this recipe needs about {est['total']:.1f} GiB but the {loaded.device} has {have:.1f} GiB — "
+        console.print(f"[yellow]warning:[/] this recipe needs about {est['total']:.1f} GiB but the {loaded.device} has {have:.1f} GiB available — "
                       "lower training.batch_size or data.max_length, use model.quantization: 4bit, or set training.gradient_checkpointing: true")
 
 

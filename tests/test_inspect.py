@@ -207,3 +207,62 @@ def test_dpo_estimate_scales_with_rows_and_length():
     assert logits < full["activations"] < logits * 1.2
     assert short["activations"] == pytest.approx(full["activations"] / 4, rel=0.01)
     assert full["total"] > 8  # the old estimate, one batch of logits and no second row per pair, gave 2.2 GiB here
+
+
+def smollm2_config(**kw):
+    from transformers import LlamaConfig
+
+    shape = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                 num_key_value_heads=3, tie_word_embeddings=True)
+    return LlamaConfig(**{**shape, **kw})
+
+
+def test_qlora_estimate_counts_the_fp32_upcast():
+    """PEFT's kbit preparation leaves embeddings, norms and the head fp32: a 4-bit base's non-linear weights
+    count 4 bytes each, and the SFT loss holds the (tied) head's bf16 copy for its matmuls."""
+    cfg = smollm2_config()
+    tree = {"data": {"train": "x", "max_length": 512}, "model": {"quantization": "4bit"}}
+    q = inspect_.memory_estimate(Recipe.model_validate(tree), cfg, 2, device="cpu")
+    plain = inspect_.memory_estimate(Recipe.model_validate({**tree, "model": {"quantization": "none"}}), cfg, 2, device="cpu")
+    p = inspect_.count_params(cfg)
+    other = p["parameters"] - p["linear"]  # embeddings (tied with the head) and norms
+    assert other == 49152 * 576 + 61 * 576
+    assert q["weights"] == pytest.approx((p["linear"] * (0.5 + 1 / 64) + other * 4) / 2**30, abs=1e-3)
+    assert plain["weights"] == pytest.approx((p["linear"] * 2 + other * 2) / 2**30, abs=1e-3)
+    assert q["activations"] - plain["activations"] == pytest.approx(49152 * 576 * 2 / 2**30, abs=2e-3)
+
+
+def test_cuda_estimate_adds_context_and_slack_and_resolves_checkpointing_as_training_does():
+    """The device is given explicitly, so the CUDA arithmetic is checked without a GPU. A 1.3B-parameter base
+    with `gradient_checkpointing: auto` is planned with checkpointing on CUDA (as speed.choose decides) and
+    without it on CPU; CUDA adds the context and 10 % allocator slack over what tensors hold."""
+    from finetune import speed
+
+    cfg = smollm2_config(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16,
+                         num_key_value_heads=4, vocab_size=32000)
+    r = Recipe.model_validate({"data": {"train": "x", "max_length": 1024}, "training": {"batch_size": 2}})
+    n = inspect_.count_params(cfg)["parameters"]
+    assert n > 1e9
+    assert speed.gradient_checkpointing("auto", "cuda", n, "sft") and not speed.gradient_checkpointing("auto", "cpu", n, "sft")
+    cuda = inspect_.memory_estimate(r, cfg, 2, device="cuda")
+    cpu = inspect_.memory_estimate(r, cfg, 2, device="cpu")
+    forced = {v: inspect_.memory_estimate(r.model_copy(update={"training": r.training.model_copy(update={"gradient_checkpointing": v})}),
+                                          cfg, 2, device="cuda") for v in (True, False)}
+    assert cuda["activations"] == forced[True]["activations"] < forced[False]["activations"] == cpu["activations"]
+    tensors = cuda["weights"] + cuda["adapters_and_optimizer"] + cuda["activations"]
+    assert cuda["cuda_context"] == inspect_.CUDA_CONTEXT_GIB == 0.5
+    assert cuda["allocator_slack"] == pytest.approx(0.1 * tensors, abs=2e-3)
+    assert cuda["total"] == pytest.approx(tensors + cuda["runtime"] + 0.5 + cuda["allocator_slack"], abs=2e-3)
+    assert cpu["cuda_context"] == cpu["allocator_slack"] == 0.0
+
+
+@pytest.mark.gpu
+def test_available_cuda_memory_is_free_memory_plus_our_own():
+    import torch
+
+    held = torch.empty(2**28, device="cuda")  # 1 GiB this process holds: still ours to use
+    free, total = torch.cuda.mem_get_info()
+    have = inspect_.available_memory_gib("cuda")
+    assert have == pytest.approx((free + torch.cuda.memory_reserved()) / 2**30 + 0.5, abs=0.05)
+    assert have < total / 2**30 + 0.5
+    del held

@@ -78,3 +78,20 @@ def test_missing_shard_of_an_indexed_base(cli, tmp_path, tiny, model_loads):
     res = cli("sft", recipe(tmp_path, tiny), "--set", f"model.base={base}")
     assert res.code == 2 and "model-00002-of-00002.safetensors is missing" in res.err, res.text
     assert model_loads == []
+
+
+def test_flash_attention_where_it_cannot_run_says_all_that_is_missing():
+    """On this CPU, in fp32, without flash-attn: one message naming each problem, the install line and sdpa."""
+    import torch
+
+    from finetune.errors import UserError
+    from finetune.preflight import check_attention
+    from finetune.recipe import ModelSection
+
+    check_attention(ModelSection(attn_implementation="sdpa"), "cpu", torch.float32)  # nothing to check
+    with pytest.raises(UserError) as err:
+        check_attention(ModelSection(attn_implementation="flash_attention_2"), "cpu", torch.float32)
+    msg = str(err.value)
+    assert msg.startswith("model.attn_implementation: flash_attention_2 needs a CUDA GPU and this run is on cpu")
+    for part in ("pip install flash-attn --no-build-isolation", "bf16 or fp16 only", "float32", "use `sdpa`"):
+        assert part in msg

@@ -237,6 +237,9 @@ CASES = [
     Case("chat-max-new-tokens", "chat with --max-new-tokens 0", "Invalid value for '--max-new-tokens'", lambda t, m: ["chat", m, "--prompt", "hi", "--max-new-tokens", "0"]),
     Case("chat-compare-base", "--compare without an adapter", "--compare needs an adapter", lambda t, m: ["chat", m, "--prompt", "hi", "--compare"]),
     Case("chat-quantization", "chat with an unknown quantization", "'2bit' is not one of '4bit', '8bit', 'none'", lambda t, m: ["chat", m, "--prompt", "hi", "--quantization", "2bit"]),
+    # the GPU path, refused before loading on any machine
+    Case("flash-attn-missing", "flash_attention_2 asked for without flash-attn (and on a CPU)", "pip install flash-attn --no-build-isolation",
+         lambda t, m: ["sft", recipe(t, m, model={"attn_implementation": "flash_attention_2"})]),
 ]
 
 
