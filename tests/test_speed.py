@@ -70,3 +70,31 @@ def test_freed_memory_is_kept_for_the_next_step():
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO).stdout.split()
     default, reused = int(out[0]), int(out[1])
     assert default < 20e6 and reused > 150e6, (default, reused)
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="reads /proc/stat")
+def test_cpu_threads_leave_busy_cores_to_their_processes():
+    """Threads are chosen from the cores other processes leave free; a user's OMP_NUM_THREADS is kept; the
+    choice reaches torch when the settings are applied."""
+    probe = (
+        "import os, subprocess, sys, torch\n"
+        "from finetune import speed\n"
+        "busy = speed.busy_cores(0.3)\n"
+        "assert 0 <= busy <= os.cpu_count() + 1e-6, busy\n"
+        "n = speed.cpu_threads()\n"
+        "assert 1 <= n <= torch.get_num_threads(), n\n"
+        "os.environ['OMP_NUM_THREADS'] = '2'\n"
+        "assert speed.cpu_threads() is None\n"
+        "loops = [subprocess.Popen([sys.executable, '-c', 'while True: pass']) for _ in range(os.cpu_count())]\n"
+        "try:\n"
+        "    loaded = speed.busy_cores(0.5)\n"
+        "finally:\n"
+        "    [p.kill() for p in loops]\n"
+        "assert loaded > 0.8 * os.cpu_count(), loaded\n"
+        "del os.environ['OMP_NUM_THREADS']\n"
+        "s = speed.RunSettings('cpu', 'float32', 'none', False, False, False, 'sdpa', 'x', threads=1)\n"
+        "m = torch.nn.Linear(2, 2)\n"
+        "speed.apply(m, m, s)\n"
+        "assert torch.get_num_threads() == 1\n"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True, cwd=REPO)
