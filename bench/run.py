@@ -736,6 +736,7 @@ def suite(args) -> None:
     for name in only:
         report[name] = BENCHES[name](ctx)
     report["machine"]["load_average_after"] = os.getloadavg()
+    (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")  # every run's, a --quick one's too
     if not quick:
         results_dir = ROOT / "bench" / "results"
         results_dir.mkdir(parents=True, exist_ok=True)
