@@ -1,6 +1,6 @@
 """Speed of finetune against the plain TRL + PEFT (and plain transformers) code a user would otherwise write.
 
-    .venv/bin/python bench/run.py                 # CPU suite on the built-in base (about an hour with every SFT leg)
+    .venv/bin/python bench/run.py                 # CPU suite on the built-in base (every SFT leg, 3 rounds)
     .venv/bin/python bench/run.py --quick         # one-step smoke of every benchmark (CI)
     .venv/bin/python bench/run.py --only sft,whole,busy   # the SFT legs only
     .venv/bin/python bench/run.py --device cuda --base llama-3.1-8b --quant 4bit   # on a GPU, an 8B-shape base
@@ -760,7 +760,7 @@ def sft_legs_table(s: dict) -> list[str]:
         vs = x.get("versions") or {}
         ver = ", ".join(f"{n} {v}" for n, v in vs.items() if v and n in ("llamafactory", "transformers", "trl", "peft", "torch"))
         mem = f"{x['peak_mb']:.0f}" + (f" ({x['peak_reserved_mb']:.0f} reserved)" if x.get("peak_reserved_mb") else "")
-        lines.append(f"| {LEG_NAMES[k]} | {fmt_spread(x['real_tokens_per_s_spread'])} | {x['median_step_s']:.2f} | {mem} | "
+        lines.append(f"| {LEG_NAMES[k]} | {fmt_spread(x['real_tokens_per_s_spread'], 0 if x['real_tokens_per_s'] >= 100 else 1)} | {x['median_step_s']:.2f} | {mem} | "
                      f"{x['mean_loss']:.3f} / {x['final_loss']:.3f} | {x['mfu']:.1%} | "
                      + (f"**{ratio['real_tokens_per_s']:.2f}x** tokens/s, {ratio['peak_memory']:.2f}x memory" if ratio else "")
                      + f" | {ver} |")
