@@ -100,27 +100,34 @@ def reuse_freed_memory(dry_run: bool = False) -> bool:
 
 
 def busy_cores(seconds: float = 0.5) -> float | None:
-    """How many of this process's cores other work kept busy over a short sample (Linux /proc/stat; None elsewhere).
-    Called while this process waits, so what it sees is everyone else's load."""
+    """How many of the cores this process may run on other work kept busy over a short sample (Linux /proc/stat;
+    None elsewhere). Called while this process waits, so what it sees is everyone else's load."""
     import os
     import time
 
+    mine = {f"cpu{i}" for i in os.sched_getaffinity(0)} if hasattr(os, "sched_getaffinity") else None
+
     def sample():
+        total = idle = 0
         with open("/proc/stat") as fh:
-            fields = [int(x) for x in fh.readline().split()[1:]]
-        return sum(fields), fields[3] + fields[4]  # total and idle + iowait jiffies, all cores
+            for line in fh:
+                name, *fields = line.split()
+                if not name.startswith("cpu") or name == "cpu" or (mine is not None and name not in mine):
+                    continue
+                numbers = [int(x) for x in fields]
+                total += sum(numbers)
+                idle += numbers[3] + numbers[4]  # idle + iowait jiffies
+        return total, idle, len(mine) if mine is not None else os.cpu_count() or 1
 
     try:
-        total0, idle0 = sample()
+        total0, idle0, cores = sample()
         time.sleep(seconds)
-        total1, idle1 = sample()
+        total1, idle1, _ = sample()
     except (OSError, ValueError, IndexError):
         return None
     if total1 <= total0:
         return None
-    all_cores = os.cpu_count() or 1
-    busy = (1 - (idle1 - idle0) / (total1 - total0)) * all_cores
-    return min(busy, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else all_cores)
+    return (1 - (idle1 - idle0) / (total1 - total0)) * cores
 
 
 def cpu_threads() -> int | None:
