@@ -223,3 +223,31 @@ def test_cuda_varlen_kernel_equals_attention_per_sequence():
     fast, _ = speed.varlen_sdpa(module, q, k, v, None, cu_seq_lens_q=cu, max_length_q=21)
     slow, _ = speed.varlen_sdpa(module, q, k, v, None, cu_seq_lens_q=cu)  # no max length: the per-sequence loop
     torch.testing.assert_close(fast, slow, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(platform.system() != "Linux", reason="reads /proc/stat")
+def test_cpu_threads_leave_busy_cores_to_their_processes():
+    """Threads are chosen from the cores other processes leave free; a user's OMP_NUM_THREADS is kept; the
+    choice reaches torch when the settings are applied."""
+    probe = (
+        "import os, subprocess, sys, torch\n"
+        "from finetune import speed\n"
+        "busy = speed.busy_cores(0.3)\n"
+        "assert 0 <= busy <= os.cpu_count() + 1e-6, busy\n"
+        "n = speed.cpu_threads()\n"
+        "assert 1 <= n <= torch.get_num_threads(), n\n"
+        "os.environ['OMP_NUM_THREADS'] = '2'\n"
+        "assert speed.cpu_threads() is None\n"
+        "loops = [subprocess.Popen([sys.executable, '-c', 'while True: pass']) for _ in range(os.cpu_count())]\n"
+        "try:\n"
+        "    loaded = speed.busy_cores(0.5)\n"
+        "finally:\n"
+        "    [p.kill() for p in loops]\n"
+        "assert loaded > 0.8 * os.cpu_count(), loaded\n"
+        "del os.environ['OMP_NUM_THREADS']\n"
+        "s = speed.RunSettings('cpu', 'float32', 'none', False, False, False, 'sdpa', 'x', threads=1)\n"
+        "m = torch.nn.Linear(2, 2)\n"
+        "speed.apply(m, m, s)\n"
+        "assert torch.get_num_threads() == 1\n"
+    )
+    subprocess.run([sys.executable, "-c", probe], check=True, cwd=REPO)
