@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 FORMAT = 1  # bump when what prepare() produces for the same input changes
@@ -50,18 +49,16 @@ def tokenizer_identity(tokenizer) -> str:
 
 def key(section, tokenizer, method: str, seed: int) -> str | None:
     """The entry for this data, tokenizer and settings, or None when the data cannot be keyed (a hub dataset)."""
-    from finetune.data.read import expand
+    from finetune.data.sources import paths
 
     files = []
-    for split, spec in (("train", section.train), ("validation", section.validation)):
-        if not isinstance(spec, (str, list)):
-            continue
-        for src in expand(spec):
-            if not isinstance(src, Path):
-                return None
-            files.append([split, str(src), _file_digest(src)])
+    for split, src in paths(section):
+        if not isinstance(src, Path):
+            return None
+        files.append([split, str(src), _file_digest(src)])
+    # data.num_proc is left out: how many processes tokenize does not change the result
     payload = {"format": FORMAT, "files": files, "tokenizer": tokenizer_identity(tokenizer),
-               "data": section.model_dump(mode="json"), "method": method, "seed": seed}
+               "data": section.model_dump(mode="json", exclude={"num_proc"}), "method": method, "seed": seed}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -85,7 +82,8 @@ def store(digest: str, meta: dict, train: list, validation: list) -> Path | None
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{digest}."))
         for name, items in (("train", train), ("validation", validation)):
-            (tmp / f"{name}.jsonl").write_text("".join(json.dumps(asdict(e)) + "\n" for e in items))
+            with (tmp / f"{name}.jsonl").open("w") as fh:  # vars(): the fields as they are (asdict deep-copies every id)
+                fh.writelines(json.dumps(vars(e)) + "\n" for e in items)
         (tmp / "prepared.json").write_text(json.dumps(meta, indent=1))
         if folder.exists():
             shutil.rmtree(folder, ignore_errors=True)

@@ -8,6 +8,8 @@ which works for any template whose rendering of a conversation prefix is a prefi
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 from finetune.errors import UserError
 
 # A plain ChatML template for bases that ship none. The generation tags let transformers mark assistant
@@ -60,10 +62,12 @@ def tokenize_conversation(tokenizer, messages: list[dict], train_on: str) -> tup
     ids = enc["input_ids"]
     if train_on == "all":
         return ids, list(ids)
-    labels = [
-        tok if any(s <= start < e for s, e in spans) else -100
-        for tok, (start, _end) in zip(ids, enc["offset_mapping"])
-    ]
+    # a token is trained when it starts inside an assistant span; starts only grow, so bisect per span
+    starts = [start for start, _end in enc["offset_mapping"]]
+    labels = [-100] * len(ids)
+    for s, e in spans:
+        lo, hi = bisect_left(starts, s), bisect_left(starts, e)
+        labels[lo:hi] = ids[lo:hi]
     return ids, labels
 
 
