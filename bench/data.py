@@ -74,6 +74,15 @@ def tokenizer():
 # ---- one side (runs in a subprocess) ---------------------------------------------------------------
 
 
+def peak_rss() -> dict:
+    """Peak resident memory of this process and of its largest worker process, in MiB."""
+    import resource
+
+    mib = lambda ru: round(ru.ru_maxrss / 1024)  # noqa: E731 (kilobytes on Linux)
+    return {"peak_rss_mib": mib(resource.getrusage(resource.RUSAGE_SELF)),
+            "peak_worker_rss_mib": mib(resource.getrusage(resource.RUSAGE_CHILDREN))}
+
+
 def finetune_side(a) -> dict:
     from finetune import data
     from finetune.recipe import DataSection
@@ -85,7 +94,7 @@ def finetune_side(a) -> dict:
     seconds = time.perf_counter() - t
     tokens = sum(len(e.input_ids) for e in prepared.train)
     return {"seconds": seconds, "cache": prepared.cache, "examples": len(prepared.train), "tokens": tokens,
-            "truncated": prepared.truncated, "dropped": sum(prepared.dropped.values())}
+            "truncated": prepared.truncated, "dropped": sum(prepared.dropped.values()), **peak_rss()}
 
 
 def trl_side(a) -> dict:
@@ -106,7 +115,7 @@ def trl_side(a) -> dict:
     ds = trainer._prepare_dataset(ds, tok, args, False, None, "train")  # TRL's own preprocessing, as SFTTrainer runs it
     seconds = time.perf_counter() - t
     tokens = sum(len(ids) for ids in ds["input_ids"])
-    return {"seconds": seconds, "examples": len(ds), "tokens": tokens, "num_proc": a.num_proc or 1}
+    return {"seconds": seconds, "examples": len(ds), "tokens": tokens, "num_proc": a.num_proc or 1, **peak_rss()}
 
 
 def one(argv: list[str]) -> None:
@@ -155,24 +164,33 @@ def main() -> None:
     ours = {"FINETUNE_CACHE": str(work / "finetune-cache")}
     r: dict = {"rows": a.rows, "bytes": data.stat().st_size, "cpus": cpus, "load_before": load, "max_length": MAX_LENGTH}
     print(f"{a.rows} rows ({data.stat().st_size / 1e6:.1f} MB), {cpus} cores, load {load}", flush=True)
+    stamp = time.strftime("%Y%m%d-%H%M", time.gmtime())
+    (ROOT / "bench" / "results").mkdir(exist_ok=True)
+    result = ROOT / "bench" / "results" / f"data-{a.rows}-{stamp}.json"
+
+    def save():  # after every side, so a long run that is stopped keeps what it measured
+        result.write_text(json.dumps(r, indent=1))
+
     r["trl"] = measure("trl", data, work, {"HF_DATASETS_CACHE": str(work / "hf-1")})
+    save()
     print("TRL, one process:", r["trl"], flush=True)
     r["finetune_first"] = measure("finetune", data, work, ours)
     print("finetune, first run:", r["finetune_first"], flush=True)
+    save()
     r["finetune_cached"] = measure("finetune", data, work, ours)
     print("finetune, cached run:", r["finetune_cached"], flush=True)
+    save()
     if cpus > 1:
         r["trl_parallel"] = measure("trl", data, work, {"HF_DATASETS_CACHE": str(work / "hf-2")}, num_proc=cpus)
         print(f"TRL, num_proc={cpus}:", r["trl_parallel"], flush=True)
+        save()
     r["load_after"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     base = r["trl"]["seconds"]
     r["ratios"] = {"first_vs_trl": r["finetune_first"]["seconds"] / base, "cached_vs_trl": r["finetune_cached"]["seconds"] / base}
     if "trl_parallel" in r:
         r["ratios"]["first_vs_trl_parallel"] = r["finetune_first"]["seconds"] / r["trl_parallel"]["seconds"]
     print(json.dumps(r["ratios"]), flush=True)
-    stamp = time.strftime("%Y%m%d-%H%M", time.gmtime())
-    (ROOT / "bench" / "results").mkdir(exist_ok=True)
-    (ROOT / "bench" / "results" / f"data-{a.rows}-{stamp}.json").write_text(json.dumps(r, indent=1))
+    save()
     if not a.no_table:
         write_table(r, stamp)
     if not a.work:
@@ -181,7 +199,8 @@ def main() -> None:
 
 def write_table(r: dict, stamp: str) -> None:
     def row(name: str, side: dict, ratio: str = "") -> str:
-        return f"| {name} | {side['seconds']:.1f} | {side['rows'] if 'rows' in side else side['examples']} | {side['tokens']:,} | {ratio} |"
+        memory = f"{side['peak_rss_mib']:,}" + (f" + workers {side['peak_worker_rss_mib']:,}" if side["peak_worker_rss_mib"] > 100 else "")
+        return f"| {name} | {side['seconds']:.1f} | {side['examples']:,} | {side['tokens']:,} | {memory} | {ratio} |"
 
     base = r["trl"]["seconds"]
     lines = [
@@ -190,7 +209,7 @@ def write_table(r: dict, stamp: str) -> None:
         f"`python bench/data.py --rows {r['rows']}`: {r['rows']:,} generated chat rows ({r['bytes'] / 1e6:.0f} MB), the built-in base's "
         f"tokenizer with the same ChatML template, max_length {r['max_length']}, loss on the assistant turns on both sides. "
         "Time from the file on disk to token ids and labels, each side in its own process with empty caches.", "",
-        "| side | seconds | examples | tokens | vs TRL (1 process) |", "|---|---|---|---|---|",
+        "| side | seconds | examples | tokens | peak memory (MiB) | vs TRL (1 process) |", "|---|---|---|---|---|---|",
         row("TRL `SFTTrainer._prepare_dataset`, default (1 process)", r["trl"], "1.00"),
     ]
     if "trl_parallel" in r:

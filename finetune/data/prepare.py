@@ -162,7 +162,7 @@ def tokenize_preference(tokenizer, records: list[tuple[dict, str]], section: Dat
 
 
 TOKENIZERS = {"sft": tokenize_sft, "preference": tokenize_preference}
-SMALL = 2000  # rows below which starting worker processes costs more than it saves (measured: bench/data.py)
+SMALL = 2000  # rows below which one process is used: starting the workers costs ~0.3-0.5 s here, a few hundred rows' work
 _job: tuple | None = None  # (tokenizer, records, section, kind, check), set in each worker before it starts
 
 
@@ -246,6 +246,7 @@ def _prepare(section: DataSection, tokenizer, method: str, seed: int, log: Calla
     _, val_records = formats.normalise(val_rows, fmt, method, section.system_prompt) if val_rows else (fmt, [])
     added = template.ensure_chat_template(tokenizer)
     prepared: Prepared = Prepared(format=fmt, files=files, rows=len(rows) + len(val_rows), train=[], validation=[])
+    del rows, val_rows  # the records hold what is needed; the raw rows of a large file are not kept beside them
     how = "set by data.format" if section.format != "auto" else "detected"
     prepared.notes += source_notes
     prepared.notes.append(f"format: {fmt} ({how}); {len(records)} training rows, {len(val_records)} validation rows")
@@ -255,6 +256,8 @@ def _prepare(section: DataSection, tokenizer, method: str, seed: int, log: Calla
     train, val = Tally(rows=len(records)), Tally(rows=len(val_records))
     prepared.train = tokenize_all(tokenizer, records, section, kind, train, True)
     prepared.validation = tokenize_all(tokenizer, val_records, section, kind, val, False) if val_records else []
+    n_records, has_validation = len(records), bool(val_records)
+    del records, val_records  # tokenized: from here on only the examples are held
     for tally in (train, val):
         prepared.truncated += tally.n_truncated
         for key, n in tally.dropped.items():
@@ -265,17 +268,17 @@ def _prepare(section: DataSection, tokenizer, method: str, seed: int, log: Calla
     why = "; ".join(f"{n} {cause}" for cause, n in train.dropped.items())
     fixes = train.fixes()
     if not prepared.train:
-        raise UserError(f"{section.train or 'data.mix'}: no usable training examples after tokenization — all {len(records)} rows dropped ({why}; e.g. "
+        raise UserError(f"{section.train or 'data.mix'}: no usable training examples after tokenization — all {n_records} rows dropped ({why}; e.g. "
                         f"{next(iter(train.first.values()))})" + (f" — {' or '.join(fixes)}" if fixes else ""))
     dropped_train = sum(train.dropped.values())
-    if dropped_train / max(1, len(records)) > section.max_dropped_fraction:
+    if dropped_train / max(1, n_records) > section.max_dropped_fraction:
         raise UserError(
-            f"data: {dropped_train} of {len(records)} training rows would be dropped, more than data.max_dropped_fraction="
+            f"data: {dropped_train} of {n_records} training rows would be dropped, more than data.max_dropped_fraction="
             f"{section.max_dropped_fraction} ({why}; e.g. {next(iter(train.first.values()))}) — "
             + " or ".join(fixes + ["raise data.max_dropped_fraction to train without them"])
         )
     if report:
-        report.append(f"training on {len(prepared.train)} examples" + (f", validating on {len(prepared.validation)}" if val_records else ""))
+        report.append(f"training on {len(prepared.train)} examples" + (f", validating on {len(prepared.validation)}" if has_validation else ""))
     prepared.notes += report
     for note in prepared.notes:
         log(note)
