@@ -217,7 +217,8 @@ def prepare(section: DataSection, tokenizer, method: Literal["sft"], seed: int, 
 def prepare(section: DataSection, tokenizer, method: Literal["dpo"], seed: int, log: Callable[[str], None] = ...) -> Prepared[PreferencePair]: ...
 def prepare(section: DataSection, tokenizer, method: str, seed: int, log: Callable[[str], None] = print) -> Prepared:
     digest = cache.key(section, tokenizer, method, seed)
-    hit = cache.load(digest, {"sft": Example, "preference": PreferencePair}) if digest else None
+    types = {"sft": Example, "preference": PreferencePair}
+    hit = cache.load(digest, types) if digest else None
     if hit is not None:
         template.ensure_chat_template(tokenizer)  # the trainer and the saved adapter need it, as on a miss
         meta, train_examples, val_examples = hit
@@ -229,7 +230,7 @@ def prepare(section: DataSection, tokenizer, method: str, seed: int, log: Callab
     if digest:
         summary = {k: v for k, v in prepared.__dict__.items() if k not in ("train", "validation", "cache")}
         kind = "preference" if prepared.format == "preference" else "sft"
-        prepared.cache = "miss" if cache.store(digest, {"kind": kind, "prepared": summary}, prepared.train, prepared.validation) else "off"
+        prepared.cache = "miss" if cache.store(digest, {"kind": kind, "prepared": summary}, prepared.train, prepared.validation, types[kind]) else "off"
     return prepared
 
 
