@@ -148,6 +148,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=100_000)
     p.add_argument("--work", default=None, help="scratch folder (default: a new one under /tmp)")
     p.add_argument("--no-table", action="store_true", help="do not append the result to docs/benchmarks.md")
+    p.add_argument("--no-trl-parallel", action="store_true", help="skip TRL with one process per core")
     a = p.parse_args()
     work = Path(a.work or tempfile.mkdtemp(prefix="finetune-data-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -180,7 +181,7 @@ def main() -> None:
     r["finetune_cached"] = measure("finetune", data, work, ours)
     print("finetune, cached run:", r["finetune_cached"], flush=True)
     save()
-    if cpus > 1:
+    if cpus > 1 and not a.no_trl_parallel:
         r["trl_parallel"] = measure("trl", data, work, {"HF_DATASETS_CACHE": str(work / "hf-2")}, num_proc=cpus)
         print(f"TRL, num_proc={cpus}:", r["trl_parallel"], flush=True)
         save()
@@ -204,7 +205,7 @@ def write_table(r: dict, stamp: str) -> None:
 
     base = r["trl"]["seconds"]
     lines = [
-        "", "", f"## Data preparation · cpu · {stamp[:8]} {stamp[9:11]}:{stamp[11:]} UTC · {r['rows']:,} chat rows · {r['cpus']} cores shared "
+        "", "", f"## Data preparation · cpu · {stamp[:4]}-{stamp[4:6]}-{stamp[6:8]} {stamp[9:11]}:{stamp[11:]} UTC · {r['rows']:,} chat rows · {r['cpus']} cores shared "
         f"(load average {r['load_before']:.1f} before, {r['load_after']:.1f} after)", "",
         f"`python bench/data.py --rows {r['rows']}`: {r['rows']:,} generated chat rows ({r['bytes'] / 1e6:.0f} MB), the built-in base's "
         f"tokenizer with the same ChatML template, max_length {r['max_length']}, loss on the assistant turns on both sides. "
