@@ -9,7 +9,7 @@ import pytest
 from helpers import toy_rows, write_jsonl, write_recipe
 
 from finetune.data import prepare, read_train
-from finetune.data.read import hub_parts
+from finetune.data.read import expand, hub_parts
 from finetune.errors import UserError
 from finetune.recipe import DataSection, Recipe
 
@@ -106,6 +106,7 @@ def test_hub_spec_parts():
     assert hub_parts("org/set") == ("org/set", None, "train")
     assert hub_parts("org/set:subset@test") == ("org/set", "subset", "test")
     assert hub_parts("org/set@validation") == ("org/set", None, "validation")
+    assert expand("org/set@train[:100]") == ["org/set@train[:100]"]  # datasets' split slicing is not a glob
 
 
 def test_unreachable_hub_dataset_is_a_clear_refusal_before_any_load(cli, tmp_path, tiny):

@@ -38,7 +38,7 @@ def expand(spec: str | list[str]) -> list[Path | str]:
     out: list[Path | str] = []
     for item in [spec] if isinstance(spec, str) else spec:
         p = Path(item).expanduser()
-        if GLOB & set(item) and not p.exists():
+        if GLOB & set(item.partition("@")[0]) and not p.exists():  # after `@`, a hub split may hold datasets' `[:100]`
             anchor = Path(p.anchor) if p.is_absolute() else Path()
             files = sorted(f for f in anchor.glob(str(p.relative_to(anchor)) if p.is_absolute() else str(p))
                            if f.suffix in READERS and f.is_file())
