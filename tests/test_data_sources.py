@@ -133,3 +133,15 @@ def test_worker_processes_give_what_one_process_gives(tmp_path, tiny_tokenizer, 
     assert one.truncated >= 1 and sum(one.dropped.values()) == 1
     # the number of processes is not part of the cache key: the same data prepared by one process is a hit
     assert prepare(s.model_copy(update={"num_proc": 1}), tiny_tokenizer, "sft", 42, log=quiet).cache == "hit"
+
+
+def test_sft_tokenizes_in_worker_processes_after_the_base_is_loaded(cli, tmp_path, tiny):
+    # the workers are forked from a process that already holds torch and the model
+    data = write_jsonl(tmp_path / "t.jsonl", toy_rows(40))
+    p = write_recipe(tmp_path / "r.yaml", {"model": {"base": str(tiny), "quantization": "none", "dtype": "fp32"},
+                                           "data": {"train": str(data), "max_length": 64, "num_proc": 2},
+                                           "training": {"max_steps": 2, "batch_size": 2}, "output": {"dir": str(tmp_path / "out")}})
+    res = cli("sft", p)
+    assert res.code == 0, res.text
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["data"]["train_examples"] == 40 and manifest["data"]["prepared_cache"] == "miss"
