@@ -206,8 +206,9 @@ def clean_counts(recipe: Recipe, tokenizer) -> dict:
     """What `finetune data clean` would remove, change or flag in the training data (nothing is written)."""
     from finetune.data import clean
     from finetune.data.read import read as read_rows
+    from finetune.data.sources import read_train
 
-    rows, _ = read_rows(recipe.data.train, {})
+    rows, _, _ = read_train(recipe.data.model_copy(update={"columns": {}}), recipe.training.seed)
     val = read_rows(recipe.data.validation, {})[0] if isinstance(recipe.data.validation, str) else None
     report, _ = clean.analyse(rows, val, columns=recipe.data.columns, max_length=recipe.data.max_length, tokenizer=tokenizer)
     return report.counts()

@@ -171,7 +171,7 @@ def check_data(recipe: Recipe, method: str) -> list[dict]:
     """Every data file exists, parses and holds the method's format (no tokenizer needed); returns the files
     with their hashes, the data part of the run identity."""
     section = recipe.data
-    rows, files = data.read(section.train, section.columns)
+    rows, files, _ = data.read_train(section, recipe.training.seed)
     fmt, _ = data.normalise(rows, section.format, method, section.system_prompt)
     if isinstance(section.validation, str):
         val_rows, val_files = data.read(section.validation, section.columns)

@@ -73,9 +73,22 @@ class LoraSection(Section):
         return v
 
 
+class MixSource(Section):
+    source: str | list[str] = Field(..., description="Files, folders, globs or hub datasets, as in `data.train`.")
+    weight: float = Field(..., gt=0, description="This source's share of the mixed rows (weights are normalised to sum to 1).")
+
+
 class DataSection(Section):
-    train: str | list[str] = Field(
-        ..., description="Training data: a file (.jsonl .json .csv .parquet .txt), a folder of such files, a list of them, or a hub dataset id."
+    train: str | list[str] | None = Field(
+        None, description="Training data: a file (.jsonl .json .csv .parquet .txt), a folder of such files, a glob such as "
+        "`data/*.jsonl`, a list of them, or a hub dataset `owner/name[:subset][@split]` (split `train` unless named)."
+    )
+    mix: list[MixSource] | None = Field(
+        None, description="Instead of `train`: several sources with weights, e.g. `[{source: a.jsonl, weight: 0.7}, "
+        "{source: b/, weight: 0.3}]`; rows are drawn by `training.seed`, `max_rows` in all or as many as no repeat allows."
+    )
+    max_rows: int | None = Field(
+        None, ge=1, description="Use at most this many training rows: the first of `train`, or the total drawn by `mix`."
     )
     format: Literal[
         "auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference"
@@ -99,6 +112,18 @@ class DataSection(Section):
         "completions", description="`completions`: loss on assistant turns only (with their end-of-turn token). `all`: every token."
     )
     system_prompt: str | None = Field(None, description="System message added to conversations that have none.")
+    num_proc: int | None = Field(
+        None, ge=1, description="Processes that tokenize the data. Default: one per CPU core (one for fewer than 2,000 rows)."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSection:
+        if (self.train is None) == (self.mix is None):
+            raise ValueError("data: give either `train` (files, a folder, a glob or a hub dataset) or `mix` (sources with weights)"
+                             + (", not both" if self.train is not None else " — e.g. train: data/train.jsonl"))
+        if self.mix is not None and not self.mix:
+            raise ValueError("data.mix: an empty list mixes nothing — give at least one {source, weight}")
+        return self
 
     @field_validator("validation")
     @classmethod

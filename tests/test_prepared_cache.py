@@ -1,8 +1,10 @@
 """The prepared-data cache: a second prepare is a hit with identical examples; changing the data, the tokenizer's
-chat template or the data settings is a miss; entries are plain JSON; `inspect` says when it used one."""
+chat template or the data settings is a miss; entries are JSON and int32 arrays; `inspect` says when it used one."""
 
 import copy
 import json
+
+import numpy as np
 
 from helpers import CHAT_TEMPLATE, toy_rows, write_jsonl, write_recipe
 
@@ -32,9 +34,14 @@ def test_second_prepare_is_a_hit_with_identical_examples(tmp_path, tiny_tokenize
     assert (second.format, second.files, second.rows, second.notes) == (first.format, first.files, first.rows, first.notes)
     assert logged[:-1] == first.notes and "read from the cache" in logged[-1]
     entries = list(cache.root().iterdir())
-    assert len(entries) == 1 and sorted(p.name for p in entries[0].iterdir()) == ["prepared.json", "train.jsonl", "validation.jsonl"]
+    assert len(entries) == 1
+    assert sorted(p.name for p in entries[0].iterdir()) == ["prepared.json"] + [
+        f"{split}.{f}" for split in ("train", "validation") for f in
+        ("input_ids.lengths.npy", "input_ids.npy", "jsonl", "labels.lengths.npy", "labels.npy")]
     rows = [json.loads(line) for line in (entries[0] / "train.jsonl").read_text().splitlines()]
-    assert rows[0]["input_ids"] == first.train[0].input_ids and rows[0]["labels"] == first.train[0].labels
+    assert rows[0] == {"where": first.train[0].where, "truncated": first.train[0].truncated}
+    ids = np.load(entries[0] / "train.input_ids.npy", allow_pickle=False)  # plain int32 arrays, nothing pickled
+    assert ids.dtype == np.int32 and ids[: len(first.train[0].input_ids)].tolist() == first.train[0].input_ids
 
 
 def test_changes_are_misses(tmp_path, tiny_tokenizer):
@@ -71,6 +78,9 @@ def test_damaged_entry_is_prepared_again(tmp_path, tiny_tokenizer):
     (next(cache.root().iterdir()) / "train.jsonl").write_text("{not json\n")
     again = prepare(s, tiny_tokenizer, "sft", 42, log=quiet)
     assert again.cache == "miss" and again.train == first.train
+    ids = next(cache.root().iterdir()) / "train.labels.npy"
+    np.save(ids, np.load(ids)[:-1])  # an array cut short: the lengths no longer add up
+    assert prepare(s, tiny_tokenizer, "sft", 42, log=quiet).cache == "miss"
     assert prepare(s, tiny_tokenizer, "sft", 42, log=quiet).cache == "hit"
 
 
@@ -93,3 +103,34 @@ def test_inspect_after_sft_reads_what_sft_prepared(cli, tmp_path, tiny):
     assert res.code == 0 and "read from the cache" not in res.text, res.text
     res = cli("inspect", p, "-n", "0")
     assert res.code == 0 and "prepared data read from the cache" in res.text, res.text
+
+
+def test_tokenizer_vocabulary_and_row_selection_are_part_of_the_key(tmp_path, tiny_tokenizer):
+    s = section(tmp_path)
+    assert prepare(s, tiny_tokenizer, "sft", 42, log=quiet).cache == "miss"
+    grown = copy.deepcopy(tiny_tokenizer)
+    grown.add_tokens(["planetarium"])  # same chat template, another vocabulary
+    assert prepare(s, grown, "sft", 42, log=quiet).cache == "miss"
+    assert prepare(s.model_copy(update={"max_rows": 8}), tiny_tokenizer, "sft", 42, log=quiet).cache == "miss"
+    other = write_jsonl(tmp_path / "other.jsonl", toy_rows(6))
+    mixed = DataSection(mix=[{"source": s.train, "weight": 1}, {"source": str(other), "weight": 1}], max_length=64)
+    assert prepare(mixed, tiny_tokenizer, "sft", 42, log=quiet).cache == "miss"
+    reweighted = DataSection(mix=[{"source": s.train, "weight": 2}, {"source": str(other), "weight": 1}], max_length=64)
+    first = prepare(reweighted, tiny_tokenizer, "sft", 42, log=quiet)
+    assert first.cache == "miss" and prepare(reweighted, tiny_tokenizer, "sft", 42, log=quiet).cache == "hit"
+    assert prepare(s, tiny_tokenizer, "sft", 42, log=quiet).cache == "hit"
+
+
+def test_second_sft_run_is_a_cache_hit_in_its_manifest(cli, tmp_path, tiny):
+    data = write_jsonl(tmp_path / "t.jsonl", toy_rows(8))
+    seen = []
+    for out in ("first", "second"):
+        p = write_recipe(tmp_path / "r.yaml", {"model": {"base": str(tiny), "quantization": "none", "dtype": "fp32"},
+                                               "data": {"train": str(data), "max_length": 64},
+                                               "training": {"max_steps": 1, "batch_size": 2}, "output": {"dir": str(tmp_path / out)}})
+        res = cli("sft", p)
+        assert res.code == 0, res.text
+        manifest = json.loads((tmp_path / out / "manifest.json").read_text())
+        seen.append((manifest["data"]["prepared_cache"], manifest["data"]["train_examples"], manifest["data"]["files"]))
+    assert [s[0] for s in seen] == ["miss", "hit"]
+    assert seen[0][1:] == seen[1][1:]  # the same examples and file hashes either way

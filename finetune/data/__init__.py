@@ -1,10 +1,11 @@
 """The data path: files -> rows -> one internal form -> chat template -> token ids + loss labels.
 
-read       files, folders, hub ids -> rows tagged `file line N` / `file row N` (each file read once)
+read       files, folders, globs, hub ids -> rows tagged `file line N` / `file row N` (each file read once)
+sources    data.train (first data.max_rows) or a weighted data.mix -> the training rows, every file's hash and use
 formats    rows -> conversations, documents or preference pairs; malformed rows are user errors
 template   chat template, assistant spans, loss masks, the template check, end-of-turn ids
 fit        one example into data.max_length (truncation that keeps what is trained) or why it is dropped
-prepare    the whole path for a recipe -> `Prepared` (typed `Example`s or `PreferencePair`s + counts)
+prepare    the whole path for a recipe -> `Prepared` (typed `Example`s or `PreferencePair`s + counts), in worker processes
 cache      prepared data on disk, keyed by file hashes, tokenizer, template, settings, method and seed
 clean      `finetune data clean`: duplicates, near duplicates, leaks, empty answers, mojibake, personal data
 """
@@ -28,6 +29,7 @@ from finetune.data.prepare import (
     to_preference_dataset,
 )
 from finetune.data.read import READERS, Row, expand, read, read_file, read_hub
+from finetune.data.sources import read_train
 from finetune.data.template import (
     DEFAULT_CHAT_TEMPLATE,
     assistant_spans,
@@ -42,6 +44,6 @@ from finetune.data.template import (
 __all__ = [
     "DEFAULT_CHAT_TEMPLATE", "READERS", "ROLE_ALIASES", "SFT_FORMATS", "Example", "PreferencePair", "Prepared", "Row",
     "assistant_spans", "check_template", "describe_dropped", "detect", "end_of_turn_ids", "ensure_chat_template", "expand",
-    "normalise", "prepare", "read", "read_file", "read_hub", "render", "split_validation", "to_dataset",
+    "normalise", "prepare", "read", "read_file", "read_hub", "read_train", "render", "split_validation", "to_dataset",
     "to_messages", "to_preference", "to_preference_dataset", "tokenize_conversation", "tokenize_text",
 ]

@@ -85,14 +85,16 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def trl_split(tokenizer, prompt: str, chosen: str, rejected: str) -> tuple[list[int], list[int], list[int]]:
-    """prompt / chosen / rejected ids exactly as TRL 1.16's DPOTrainer derives them from these strings:
-    each text tokenized whole, the completions starting where prompt and prompt+completion diverge."""
-    p = tokenizer(text=prompt)["input_ids"]
-    pc = tokenizer(text=prompt + chosen)["input_ids"]
-    pr = tokenizer(text=prompt + rejected)["input_ids"]
+def _split(p: list[int], pc: list[int], pr: list[int]) -> tuple[list[int], list[int], list[int]]:
+    """prompt / chosen / rejected ids exactly as TRL 1.16's DPOTrainer derives them from the tokenized prompt,
+    prompt+chosen and prompt+rejected: the completions start where prompt and prompt+completion diverge."""
     n = min(_common_prefix(p, pc), _common_prefix(p, pr))
     return p[:n], pc[n:], pr[n:]
+
+
+def _ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of several texts in one call, each as `tokenizer(text=...)` gives it (special tokens added)."""
+    return tokenizer(text=texts)["input_ids"]
 
 
 def with_eos(tokenizer, answer: str) -> str:
@@ -169,24 +171,29 @@ def _shorten_prompt(tokenizer, msgs: list[dict], target: int) -> tuple[list[dict
     return fitted, how + ([PROMPT_START] if fitted is not versions[lo] else [])
 
 
-def _cut_answer(tokenizer, prompt: str, answer: str, limit: int) -> str:
-    """The start of `answer` such that prompt + answer is at most `limit` tokens (TRL's count)."""
+def _cut_answer(tokenizer, prompt: str, answer: str, limit: int) -> tuple[str, list[int]]:
+    """The start of `answer` such that prompt + answer is at most `limit` tokens (TRL's count), and the ids
+    of prompt + that start."""
     enc = tokenizer(text=prompt + answer, return_offsets_mapping=True)
     keep = limit
     while keep > 0:
         end = enc["offset_mapping"][keep - 1][1]
         cut = with_eos(tokenizer, (prompt + answer)[:end][len(prompt):])
-        if len(tokenizer(text=prompt + cut)["input_ids"]) <= limit:
-            return cut
+        ids = tokenizer(text=prompt + cut)["input_ids"]
+        if len(ids) <= limit:
+            return cut, ids
         keep -= 1  # the EOS, or a merge across the new end, can change the count: step back a token
-    return with_eos(tokenizer, "")
+    cut = with_eos(tokenizer, "")
+    return cut, tokenizer(text=prompt + cut)["input_ids"]
 
 
 def fit_pair(tokenizer, rec: dict, max_length: int, truncation: str, where: str):
     """-> (prompt, chosen, rejected strings, (prompt_ids, chosen_ids, rejected_ids), [how]) or Dropped."""
     prompt_msgs = rec["prompt"]
     prompt, (chosen, rejected) = _answers(tokenizer, prompt_msgs, [rec["chosen"], rec["rejected"]], where)
-    p, c, r = trl_split(tokenizer, prompt, chosen, rejected)
+    # every text is tokenized once (one call for all three); a piece that changes is tokenized again alone
+    full = _ids(tokenizer, [prompt, prompt + chosen, prompt + rejected])
+    p, c, r = _split(*full)
     longest = len(p) + max(len(c), len(r))
     if longest <= max_length:
         return prompt, chosen, rejected, (p, c, r), []
@@ -209,16 +216,19 @@ def fit_pair(tokenizer, rec: dict, max_length: int, truncation: str, where: str)
                            f"{what} takes {fixed} tokens", fixed + floor)
         prompt_msgs, how = shortened
         prompt, (chosen, rejected) = _answers(tokenizer, prompt_msgs, [rec["chosen"], rec["rejected"]], where)
-    p, c, r = trl_split(tokenizer, prompt, chosen, rejected)
+        full = _ids(tokenizer, [prompt, prompt + chosen, prompt + rejected])
+        p, c, r = _split(*full)
     differ = len(p) + _common_prefix(c, r) + 1  # the shortest window in which the answers differ
     if differ > max_length:
         return Dropped(f"chosen and rejected are identical within data.max_length ({max_length})",
                        f"the answers first differ at token {differ}", differ)
-    cut = [a if len(p) + len(ids) <= max_length else _cut_answer(tokenizer, prompt, a, max_length) for a, ids in ((chosen, c), (rejected, r))]
-    if cut != [chosen, rejected]:
+    # prompt + answer ids are the prompt's kept ids followed by the answer's, so their length is len(p) + len(answer)
+    cut = [(a, ids) if len(p) + len(a_ids) <= max_length else _cut_answer(tokenizer, prompt, a, max_length)
+           for a, a_ids, ids in ((chosen, c, full[1]), (rejected, r, full[2]))]
+    if [a for a, _ in cut] != [chosen, rejected]:
         how.append(ANSWERS_CUT)
-    chosen, rejected = cut
-    p, c, r = trl_split(tokenizer, prompt, chosen, rejected)
+    (chosen, pc), (rejected, pr) = cut
+    p, c, r = _split(full[0], pc, pr)
     if not c or not r or c == r:  # a merge at a cut can still make them equal
         return Dropped(f"chosen and rejected are identical within data.max_length ({max_length})",
                        f"the answers first differ at token {differ}", differ)

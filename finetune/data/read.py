@@ -4,7 +4,8 @@ Every file is read from disk once: the same bytes give its sha256 (for the manif
 JSON Lines, JSON and CSV are parsed with the standard library, which knows the exact line of every
 record (a quoted CSV field may span lines: the record is named by its first line). Parquet rows are
 numbered (`file row N`), `.txt` files are split into paragraphs at blank lines, each named by its first
-line. Folders expand to their data files, sorted; anything else with an owner/name shape is a hub dataset.
+line. Folders and globs expand to their data files, sorted; anything else with an owner/name shape is a hub
+dataset, `owner/name[:subset][@split]` (split `train` unless named), hashed by its rows' content.
 """
 
 from __future__ import annotations
@@ -28,12 +29,24 @@ class Row:
     where: str  # "file line N" / "file row N"
 
 
+GLOB = set("*?[")
+
+
 def expand(spec: str | list[str]) -> list[Path | str]:
-    """Files named by `data.train`: paths, folders (their supported files, sorted), or a hub id."""
+    """Files named by `data.train`: paths, folders (their supported files, sorted), globs (their matching
+    data files, sorted), or a hub id."""
     out: list[Path | str] = []
     for item in [spec] if isinstance(spec, str) else spec:
         p = Path(item).expanduser()
-        if p.is_dir():
+        if GLOB & set(item.partition("@")[0]) and not p.exists():  # after `@`, a hub split may hold datasets' `[:100]`
+            anchor = Path(p.anchor) if p.is_absolute() else Path()
+            files = sorted(f for f in anchor.glob(str(p.relative_to(anchor)) if p.is_absolute() else str(p))
+                           if f.suffix in READERS and f.is_file())
+            if not files:
+                raise UserError(f"{item}: the pattern matches no data files (.jsonl .json .csv .parquet .txt) — check the pattern "
+                                "(paths are relative to where you run finetune)")
+            out.extend(files)
+        elif p.is_dir():
             files = sorted(f for f in p.rglob("*") if f.suffix in READERS and f.is_file())
             if not files:
                 raise UserError(f"{p}: folder holds no data files (.jsonl .json .csv .parquet .txt)")
@@ -189,15 +202,33 @@ def read_file(path: Path) -> tuple[list[Row], str]:
     return parse(path, text), digest
 
 
-def read_hub(name: str) -> list[Row]:
+def hub_parts(spec: str) -> tuple[str, str | None, str]:
+    """`owner/name[:subset][@split]` -> (name, subset, split); the split defaults to `train`."""
+    rest, _, split = spec.partition("@")
+    name, _, subset = rest.partition(":")
+    return name, subset or None, split or "train"
+
+
+def read_hub(spec: str, limit: int | None = None) -> tuple[list[Row], str]:
+    """Rows of a hub dataset split (only the first `limit`, streamed, when given) and a sha256 of their content."""
     import datasets
 
+    name, subset, split = hub_parts(spec)
     datasets.disable_progress_bars()
     try:
-        ds = datasets.load_dataset(name, split="train")
+        if limit is not None:  # streaming reads only the shards that hold the first rows
+            records = list(datasets.load_dataset(name, subset, split=split, streaming=True).take(limit))
+        else:
+            records = datasets.load_dataset(name, subset, split=split).to_list()
     except Exception as exc:  # noqa: BLE001 (network, auth and format errors all mean the same to the user)
-        raise UserError(f"{name}: not a local file and the hub dataset could not be loaded ({str(exc).splitlines()[0][:200]})") from None
-    return [Row(r, f"{name} row {i + 1}") for i, r in enumerate(ds.to_list())]
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{spec}: not a local file, and hub dataset `{name}` (subset {subset or 'default'}, split {split}) could not be "
+                        f"loaded ({first}) — check the name, subset and split, the network, or HF_TOKEN for a gated dataset; "
+                        "without a network, use local files") from None
+    digest = hashlib.sha256()
+    for r in records:  # the content, since a hub dataset has no file of ours to hash
+        digest.update(json.dumps(r, sort_keys=True, default=str).encode() + b"\n")
+    return [Row(r, f"{spec} row {i + 1}") for i, r in enumerate(records)], digest.hexdigest()
 
 
 def rename(data: dict, columns: dict[str, str]) -> dict:
@@ -211,16 +242,24 @@ def rename(data: dict, columns: dict[str, str]) -> dict:
     return out
 
 
-def read(spec: str | list[str], columns: dict[str, str]) -> tuple[list[Row], list[dict]]:
-    """All rows named by `spec` (files, folders, hub ids) and one record per source for the manifest."""
+def read(spec: str | list[str], columns: dict[str, str], limit: int | None = None) -> tuple[list[Row], list[dict]]:
+    """All rows named by `spec` (files, folders, globs, hub ids), at most `limit` of them in that order, and one
+    record per source for the manifest (with `used` when the limit left rows out)."""
     rows: list[Row] = []
     files = []
     for src in expand(spec):
+        left = None if limit is None else limit - len(rows)
+        if left == 0:
+            break  # the row limit is reached: later sources are not read
         if isinstance(src, Path):
             got, digest = read_file(src)
         else:
-            got, digest = read_hub(src), None
-        files.append({"path": str(src), "rows": len(got), "sha256": digest})
+            got, digest = read_hub(src, left)
+        record = {"path": str(src), "rows": len(got), "sha256": digest}
+        if left is not None and len(got) > left:
+            got = got[:left]
+            record["used"] = left
+        files.append(record)
         rows.extend(got)
     if not rows:
         raise UserError(f"{spec}: no examples found — the data is empty")

@@ -8,6 +8,8 @@ which works for any template whose rendering of a conversation prefix is a prefi
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 from finetune.errors import UserError
 
 # A plain ChatML template for bases that ship none. The generation tags let transformers mark assistant
@@ -37,20 +39,22 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
 
     The answer is what the assistant turn adds after the generation prompt. Trailing whitespace after the
     end-of-turn token is left untrained."""
-    full = render(tokenizer, messages)
+    # a conversation that ends with its last answer renders as that answer's prefix: one render saved per row
+    full = render(tokenizer, messages) if messages[-1]["role"] != "assistant" else None
     spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+    for i in reversed(range(len(messages))):
+        if messages[i]["role"] != "assistant":
             continue
         before = render(tokenizer, messages[:i], generation_prompt=True)
         upto = render(tokenizer, messages[: i + 1])
+        full = upto if full is None else full
         if not (full.startswith(upto) and upto.startswith(before)):
             raise UserError(
                 "the chat template does not render conversations incrementally (a prefix renders differently "
                 "alone), so assistant turns cannot be located — use train_on: all or a template with {% generation %} tags"
             )
         spans.append((len(before), len(upto.rstrip())))
-    return full, spans
+    return full or render(tokenizer, messages), spans[::-1]
 
 
 def tokenize_conversation(tokenizer, messages: list[dict], train_on: str) -> tuple[list[int], list[int]]:
@@ -60,10 +64,12 @@ def tokenize_conversation(tokenizer, messages: list[dict], train_on: str) -> tup
     ids = enc["input_ids"]
     if train_on == "all":
         return ids, list(ids)
-    labels = [
-        tok if any(s <= start < e for s, e in spans) else -100
-        for tok, (start, _end) in zip(ids, enc["offset_mapping"])
-    ]
+    # a token is trained when it starts inside an assistant span; starts only grow, so bisect per span
+    starts = [start for start, _end in enc["offset_mapping"]]
+    labels = [-100] * len(ids)
+    for s, e in spans:
+        lo, hi = bisect_left(starts, s), bisect_left(starts, e)
+        labels[lo:hi] = ids[lo:hi]
     return ids, labels
 
 
