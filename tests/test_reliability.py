@@ -237,6 +237,9 @@ CASES = [
     Case("chat-max-new-tokens", "chat with --max-new-tokens 0", "Invalid value for '--max-new-tokens'", lambda t, m: ["chat", m, "--prompt", "hi", "--max-new-tokens", "0"]),
     Case("chat-compare-base", "--compare without an adapter", "--compare needs an adapter", lambda t, m: ["chat", m, "--prompt", "hi", "--compare"]),
     Case("chat-quantization", "chat with an unknown quantization", "'2bit' is not one of '4bit', '8bit', 'none'", lambda t, m: ["chat", m, "--prompt", "hi", "--quantization", "2bit"]),
+    # training samples
+    Case("sample-every-no-validation", "training.sample_every without validation data", "training.sample_every: answers validation prompts",
+         lambda t, m: ["sft", recipe(t, m, training={"sample_every": 5})]),
 ]
 
 
