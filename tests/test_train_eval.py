@@ -15,10 +15,10 @@ VAL = [{"messages": [{"role": "user", "content": f"who are you {i}"}, {"role": "
        for i in (1, 2, 3)]
 
 
-def sft_recipe(tmp_path: Path, tiny: Path, **training) -> Path:
+def sft_recipe(tmp_path: Path, tiny: Path, dtype: str = "fp32", dropout: float = 0.0, **training) -> Path:
     return write_recipe(tmp_path / "r.yaml", {
-        "model": {"base": str(tiny), "quantization": "none", "dtype": "fp32"},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "model": {"base": str(tiny), "quantization": "none", "dtype": dtype},
+        "lora": {"r": 8, "alpha": 16, "dropout": dropout},
         "data": {"train": str(write_jsonl(tmp_path / "train.jsonl", toy_rows(16))), "max_length": 64,
                  "validation": str(write_jsonl(tmp_path / "val.jsonl", VAL))},
         "training": {"max_steps": 12, "batch_size": 4, "learning_rate": 1e-2, "warmup_ratio": 0.0, "scheduler": "constant",
@@ -91,3 +91,21 @@ def test_dpo_samples_and_chosen_perplexity_table(cli, tmp_path, tiny):
     table = (out / "eval.txt").read_text()
     assert "chosen answers" in table and f"{final['chosen_perplexity']:.3f}" in table and "(base)" in table
 
+
+
+def test_sampling_leaves_training_unchanged_in_bf16(tmp_path, tiny):
+    """Generating between steps (eval mode, outside the trainer's autocast, then back) must not change what
+    training computes: the same per-step losses with and without samples, LoRA dropout on."""
+    from finetune import recipe as recipes
+    from helpers import train
+
+    losses = {}
+    for every in (None, 2):
+        d = tmp_path / f"every-{every}"
+        d.mkdir()
+        train(recipes.load(sft_recipe(d, tiny, "bf16", 0.1, max_steps=4, log_every=1, sample_every=every, sample_prompts=2,
+                                      sample_max_tokens=6)), "sft")
+        rows = [json.loads(line) for line in (d / "out" / "metrics.jsonl").read_text().splitlines()]
+        losses[every] = [row["loss"] for row in rows if "loss" in row]
+        assert (d / "out" / "samples.jsonl").exists() == (every is not None)
+    assert len(losses[None]) == 4 and losses[2] == losses[None]

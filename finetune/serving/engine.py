@@ -104,7 +104,7 @@ def serving_dtype(dtype: str) -> str:
 def cpu_threads(requested: int | None) -> int:
     """Threads for generation on a CPU. Decoding a small model is hundreds of tiny ops per token, each ending in
     a barrier of all threads: on a machine whose cores are already busy (load average at least the core count),
-    every barrier waits for a descheduled thread, and one thread measured 4-15x faster than two (bench/serve.py).
+    every barrier waits for a descheduled thread, and one thread measured 4-15x faster than two (docs/benchmarks.md).
     Otherwise torch's default (one per core)."""
     import torch
 
