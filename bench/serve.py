@@ -39,6 +39,7 @@ def main() -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--tokens", type=int, default=64, help="max_tokens per request")
     p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--threads", type=int, default=0, help="the server's --threads (0: its automatic choice)")
     args = p.parse_args()
     import openai
 
@@ -46,7 +47,7 @@ def main() -> None:
     specs = [args.base] + ([args.adapter] if args.adapter else [])
     log = open(f"/tmp/finetune-bench-serve-{port}.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "finetune", "serve", *specs, "--port", str(port), "--dtype", args.dtype,
-                             "--max-batch", str(args.clients)], env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log,
+                             "--max-batch", str(args.clients), "--threads", str(args.threads)], env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=log,
                             stderr=subprocess.STDOUT)
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=600)
@@ -67,6 +68,9 @@ def main() -> None:
                                                max_tokens=args.tokens)
             return r.choices[0].message.content, r.usage.completion_tokens
 
+        import urllib.request
+
+        health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=60).read())
         ask(jobs[0])  # warm-up
         t = time.perf_counter()
         alone = [ask(j) for j in jobs]
@@ -82,7 +86,8 @@ def main() -> None:
     same = [a[0] == b[0] for a, b in zip(alone, together)]
     result = {
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "base": args.base, "adapter": args.adapter or None,
-        "dtype": args.dtype, "clients": len(jobs), "max_tokens": args.tokens,
+        "dtype": args.dtype, "threads": health.get("threads"), "load_average": os.getloadavg()[0], "clients": len(jobs),
+        "max_tokens": args.tokens,
         "one_at_a_time": {"seconds": round(t_alone, 2), "completion_tokens": tokens_alone, "tokens_per_s": round(tokens_alone / t_alone, 2)},
         "concurrent": {"seconds": round(t_together, 2), "completion_tokens": tokens_together,
                        "tokens_per_s": round(tokens_together / t_together, 2)},
@@ -92,7 +97,7 @@ def main() -> None:
     }
     out = REPO / "bench" / "results" / f"serve-{time.strftime('%Y%m%d-%H%M', time.gmtime())}-{args.dtype}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"serve {args.dtype}: {len(jobs)} concurrent clients {result['concurrent']['tokens_per_s']} tok/s vs one at a time "
+    print(f"serve {args.dtype}, {result['threads']} threads: {len(jobs)} concurrent clients {result['concurrent']['tokens_per_s']} tok/s vs one at a time "
           f"{result['one_at_a_time']['tokens_per_s']} tok/s = {result['speedup']}x; identical answers {result['identical_answers']} "
           f"({out.relative_to(REPO)})")
 

@@ -292,17 +292,19 @@ def serve(
     api_key: Annotated[Optional[str], typer.Option(help="Require `Authorization: Bearer KEY` on every API request (or set FINETUNE_API_KEY).")] = None,
     no_auth: Annotated[bool, typer.Option("--no-auth", help="Allow a non-local --host without an API key.")] = False,
     engine: Annotated[Literal["transformers", "vllm"], typer.Option(help="transformers (built in) or vllm (hands the base and adapters to vLLM's server).")] = "transformers",
-    dtype: Annotated[Literal["auto", "bf16", "fp16", "fp32"], typer.Option()] = "auto",
+    dtype: Annotated[Literal["auto", "bf16", "fp16", "fp32"], typer.Option(help="auto: fp32 on a CPU (batched answers equal one-at-a-time answers), the GPU's fast dtype on CUDA.")] = "auto",
     quantization: Annotated[Optional[Quantization], typer.Option(help="Override how bases load.")] = None,
     max_tokens: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for (and the default).")] = 1024,
     max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body accepted.")] = 1 << 20,
     max_batch: Annotated[int, typer.Option(min=1, help="Most requests generated together in one batch.")] = 8,
+    threads: Annotated[int, typer.Option(min=0, help="CPU threads for generation; 0: one per core, or 1 when the cores are already busy.")] = 0,
 ) -> None:
     """OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and a web chat page at /."""
     from finetune.serving import server
 
     server.run(models_, host=host, port=port, api_key=api_key, no_auth=no_auth, engine=engine, dtype=dtype,
-               quantization=quantization, max_tokens=max_tokens, max_body_bytes=max_body_bytes, max_batch=max_batch)
+               quantization=quantization, max_tokens=max_tokens, max_body_bytes=max_body_bytes, max_batch=max_batch,
+               threads=threads)
 
 
 @app.command()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from finetune import data, models, publish, speed, training
+from finetune import data, models, publish, samples, speed, training
 from finetune.preflight import Plan
 from finetune.recipe import Recipe
 from finetune.training import console
@@ -26,14 +26,17 @@ def run(recipe: Recipe, plan: Plan, callbacks: Sequence = ()) -> Path:
     training.begin(recipe, plan)
     built = build(recipe, plan.out / "checkpoints", callbacks)
     metrics = training.open_output(recipe, plan)
+    if recipe.training.sample_every:
+        built.trainer.add_callback(samples.callback(recipe, plan.out, built.loaded.tokenizer, built.prepared.validation, built.settings))
     trained = training.train(built.trainer, recipe, plan, metrics)
     final = dict(metrics[-1]) if metrics else {}
+    table = None
     if built.prepared.validation:
-        ev = final_eval(built)
+        ev, table = final_eval(built, plan.out)
         final.update(ev)
         metrics.append({"step": built.trainer.state.global_step, **ev})
     return publish.adapter(built.trainer, recipe, plan, built.loaded, built.prepared, built.settings, metrics, final,
-                           trained, None, started)
+                           trained, None, started, eval_table=table)
 
 
 @dataclass
@@ -98,9 +101,21 @@ def make_trainer_class():
     return Trainer
 
 
-def final_eval(built: Built) -> dict:
-    """TRL's DPO evaluation on the validation pairs, with the perplexity of its loss."""
+def final_eval(built: Built, out: Path) -> tuple[dict, str]:
+    """TRL's DPO evaluation on the validation pairs, with the perplexity of its loss; and the perplexity of the
+    chosen answers for the base (adapter disabled) and the trained adapter, as `finetune eval` tables it."""
+    from finetune.evaluate import as_text, base_and_adapter
+
     ev = {k: v for k, v in built.trainer.evaluate().items() if isinstance(v, (int, float))}
     if "eval_loss" in ev:
         ev["eval_perplexity"] = math.exp(min(ev["eval_loss"], 50))
-    return ev
+    trainer, loaded = built.trainer, built.loaded
+    was_training = trainer.model.training
+    trainer.model.eval()
+    items = [(p.prompt_ids + p.chosen_ids, [-100] * len(p.prompt_ids) + p.chosen_ids) for p in built.prepared.validation]
+    base, tuned = base_and_adapter(trainer.model, loaded.tokenizer.pad_token_id or 0, items, trainer.args.per_device_eval_batch_size,
+                                   f"{loaded.base.spec} (base)", str(out), loaded.tokenizer)
+    trainer.model.train(was_training)
+    ev.update({"chosen_perplexity": tuned["perplexity"], "base_chosen_perplexity": base["perplexity"],
+               "chosen_perplexity_change_pct": tuned.get("perplexity_change_pct")})
+    return ev, as_text([base, tuned], f"perplexity of the chosen answers of the validation pairs ({len(items)} pairs)")

@@ -8,6 +8,7 @@ masks), so the number agrees with training's eval loss. Perplexity = exp(token-w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -183,6 +184,21 @@ def run(specs: list[str], data_path: Path, *, max_length: int, stride: int | Non
         raise UserError(f"{data_path}: data file not found — pass --data with a .txt, .jsonl, .json, .csv or .parquet file")
     results = [evaluate_model(s, data_path, max_length=max_length, stride=stride, batch_size=batch_size,
                               quantization=quantization, dtype=dtype, show_progress=not as_json) for s in specs]
+    why = compare(results)
+    if why:
+        err.print(f"[bold yellow]warning:[/] {why}", soft_wrap=True)
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return
+    Console().print(table(results, f"perplexity on {data_path}"))
+    for r in results:
+        if "reading" in r:
+            Console(highlight=False, soft_wrap=True).print(r["reading"])
+
+
+def compare(results: list[dict]) -> str | None:
+    """Mark each result comparable or not and give the later ones their change from the first (the base,
+    usually) with a one-line reading; returns why they cannot be compared, or None."""
     why = comparability(results)
     ref = results[0]  # the first model listed (the base, usually) is what the others are read against
     for r in results:
@@ -192,12 +208,13 @@ def run(specs: list[str], data_path: Path, *, max_length: int, stride: int | Non
         elif r is not ref:
             r["perplexity_change_pct"] = 100 * (r["perplexity"] - ref["perplexity"]) / ref["perplexity"]
             r["reading"] = reading(r, ref)
-    if why:
-        err.print(f"[bold yellow]warning:[/] {why}", soft_wrap=True)
-    if as_json:
-        print(json.dumps(results, indent=2))
-        return
-    t = Table(title=f"perplexity on {data_path}" + (" [yellow](different tokenizers: not comparable)[/]" if why else ""))
+    return why
+
+
+def table(results: list[dict], title: str) -> Table:
+    """The perplexity table of compared results (`compare` first), as `finetune eval` prints it."""
+    ref, why = results[0], results[0].get("not_comparable_because")
+    t = Table(title=title + (" [yellow](different tokenizers: not comparable)[/]" if why else ""))
     cols = ("model", "tokens", "mean NLL", "perplexity", f"vs {ref['model']}", "wall (s)", "tokens/s") + (("tokenizer",) if why else ())
     for col in cols:
         # model paths wrap instead of being cut: two GGUF files of one export differ only at their end
@@ -206,7 +223,39 @@ def run(specs: list[str], data_path: Path, *, max_length: int, stride: int | Non
         change = f"{r['perplexity_change_pct']:+.1f} %" if "perplexity_change_pct" in r else "—"
         t.add_row(r["model"], str(r["tokens"]), f"{r['nll']:.4f}", f"{r['perplexity']:.3f}", change, f"{r['wall_s']:.2f}",
                   str(r["tokens_per_s"]), *((r["tokenizer"],) if why else ()))
-    Console().print(t)
+    return t
+
+
+def as_text(results: list[dict], title: str, width: int = 120) -> str:
+    """The table and the readings as plain text, for a file beside a run's other results."""
+    import io
+
+    buf = io.StringIO()
+    console = Console(file=buf, width=width, highlight=False, soft_wrap=True, color_system=None)
+    console.print(table(results, title))
     for r in results:
         if "reading" in r:
-            Console(highlight=False, soft_wrap=True).print(r["reading"])
+            console.print(r["reading"])
+    return buf.getvalue()
+
+
+def base_and_adapter(model, pad_id: int, items: list[tuple[list[int], list[int]]], batch_size: int,
+                     base_name: str, adapter_name: str, tokenizer) -> list[dict]:
+    """Perplexity of a PEFT model's base (adapters disabled) and of the model with its adapter, on the same
+    items, compared as `finetune eval BASE ADAPTER` compares them (training's final evaluation)."""
+    from accelerate.utils import extract_model_from_parallel
+
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    results = []
+    for name, off in ((base_name, True), (adapter_name, False)):
+        peft = extract_model_from_parallel(model)
+        with peft.disable_adapter() if off else contextlib.nullcontext():
+            start = time.perf_counter()
+            total, count = score(model, pad_id, items, batch_size)
+            wall = time.perf_counter() - start
+        nll = total / max(1, count)
+        results.append({"model": name, "kind": "base" if off else "adapter", "tokenizer": fingerprint, "tokens": count, "nll": nll,
+                        "perplexity": math.exp(min(nll, 50)), "wall_s": round(wall, 3),
+                        "tokens_per_s": round(count / wall, 1) if wall > 0 else None})
+    compare(results)
+    return results

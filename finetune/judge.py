@@ -109,6 +109,8 @@ class RemoteJudge:
                                 "pass an OpenAI-compatible base URL (usually ending in /v1), or name the model with --judge-model") from None
         if model is None and not names:
             raise UserError(f"--judge {url}: the server lists no models — name one with --judge-model")
+        if model is not None and names and model not in names:
+            raise UserError(f"--judge-model {model}: {url} does not serve it — it serves {', '.join(names)}")
         self.model = model or names[0]
         self.name = f"{self.model} at {url}"
 

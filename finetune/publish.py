@@ -20,6 +20,8 @@ from finetune.speed import RunSettings
 from finetune.training import TokenCounts, Trained, console
 from finetune.turns import end_of_turn_ids
 
+EVAL_TABLE = "eval.txt"  # the final evaluation's perplexity table, base against the trained adapter
+
 
 def summarise(trainer, plan: Plan, loaded: models.Loaded, metrics: list[dict], final: dict, trained: Trained,
               counts: TokenCounts | None, started: float) -> dict:
@@ -84,8 +86,9 @@ def manifest(recipe: Recipe, plan: Plan, loaded: models.Loaded, prepared, settin
 
 
 def adapter(trainer, recipe: Recipe, plan: Plan, loaded: models.Loaded, prepared, settings: RunSettings, metrics: list[dict],
-            final: dict, trained: Trained, counts: TokenCounts | None, started: float) -> Path:
-    """Write the adapter folder (process 0; every process takes part in gathering a sharded adapter)."""
+            final: dict, trained: Trained, counts: TokenCounts | None, started: float, eval_table: str | None = None) -> Path:
+    """Write the adapter folder (process 0; every process takes part in gathering a sharded adapter). `eval_table`:
+    the final evaluation's perplexity table, written as eval.txt."""
     import torch
 
     out = plan.out
@@ -109,10 +112,14 @@ def adapter(trainer, recipe: Recipe, plan: Plan, loaded: models.Loaded, prepared
             artifacts.write_metrics(staging / "metrics.jsonl", metrics)
             artifacts.plot_loss(staging / "loss.png", metrics, f"{recipe.name} ({plan.method})")
             (staging / "README.md").write_text(model_card(recipe, plan.method, loaded.base, summary))
+            if eval_table:
+                (staging / EVAL_TABLE).write_text(eval_table)
             artifacts.write_json(staging / "manifest.json", record)
             artifacts.publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)  # nothing half-written stays beside the published files
+    if eval_table:
+        console.print(eval_table, end="", soft_wrap=True, markup=False)
     show_summary(summary, out)
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return out

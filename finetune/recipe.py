@@ -160,6 +160,11 @@ class TrainingSection(Section):
         4.0, gt=1, description="Warn when the loss rises above this multiple of its lowest value."
     )
     report_to: Literal["none", "tensorboard", "wandb"] = Field("none", description="Extra experiment tracker.")
+    sample_every: int | None = Field(
+        None, ge=1, description="Every N steps, answer a few validation prompts greedily and append them to `samples.jsonl` in the run folder."
+    )
+    sample_prompts: int = Field(3, ge=1, description="How many validation prompts `sample_every` answers.")
+    sample_max_tokens: int = Field(64, ge=1, description="Longest answer `sample_every` generates, in tokens.")
 
 
 DpoLoss = Literal[
@@ -195,6 +200,13 @@ class Recipe(Section):
             raise ValueError(
                 "data.packing and training.padding_free cannot both be on — packing already removes padding; set one of them to false"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _sample_rules(self) -> Recipe:
+        if self.training.sample_every and self.data.validation is None:
+            raise ValueError("training.sample_every: answers validation prompts, but there is no validation data — "
+                             "set data.validation to a file or a fraction such as 0.1, or remove training.sample_every")
         return self
 
     @model_validator(mode="after")

@@ -7,13 +7,12 @@ before anything here loads.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from finetune import data, models, publish, speed, training
+from finetune import data, models, publish, samples, speed, training
 from finetune.preflight import Plan
 from finetune.recipe import Recipe
 from finetune.training import console
@@ -25,14 +24,17 @@ def run(recipe: Recipe, plan: Plan, callbacks: Sequence = ()) -> Path:
     training.begin(recipe, plan)
     built = build(recipe, plan.out / "checkpoints", callbacks)
     metrics = training.open_output(recipe, plan)
+    if recipe.training.sample_every:
+        built.trainer.add_callback(samples.callback(recipe, plan.out, built.loaded.tokenizer, built.prepared.validation, built.settings))
     trained = training.train(built.trainer, recipe, plan, metrics, built.counts)
     final = dict(metrics[-1]) if metrics else {}
+    table = None
     if built.prepared.validation:
-        ev = final_eval(built)
+        ev, table = final_eval(built, plan.out)
         final.update(ev)
         metrics.append({"step": built.trainer.state.global_step, **ev})
     return publish.adapter(built.trainer, recipe, plan, built.loaded, built.prepared, built.settings, metrics, final,
-                           trained, built.counts, started)
+                           trained, built.counts, started, eval_table=table)
 
 
 @dataclass
@@ -115,16 +117,20 @@ def make_trainer_class():
     return Trainer
 
 
-def final_eval(built: Built) -> dict:
+def final_eval(built: Built, out: Path) -> tuple[dict, str]:
     """Eval loss on the validation split: the token-weighted mean NLL over the trained tokens, computed
-    exactly as `finetune eval` does, so the two agree."""
-    from finetune.evaluate import score
+    exactly as `finetune eval` does, so the two agree; beside it the base's (adapter disabled) and the
+    table `finetune eval BASE ADAPTER --data` would print, written into the run folder."""
+    from finetune.evaluate import as_text, base_and_adapter
 
-    trainer = built.trainer
+    trainer, loaded = built.trainer, built.loaded
     was_training = trainer.model.training
     trainer.model.eval()
-    total, count = score(trainer.model, built.loaded.tokenizer.pad_token_id or 0,
-                         [(e.input_ids, e.labels) for e in built.prepared.validation], trainer.args.per_device_eval_batch_size)
+    items = [(e.input_ids, e.labels) for e in built.prepared.validation]
+    base, tuned = base_and_adapter(trainer.model, loaded.tokenizer.pad_token_id or 0, items, trainer.args.per_device_eval_batch_size,
+                                   f"{loaded.base.spec} (base)", str(out), loaded.tokenizer)
     trainer.model.train(was_training)
-    loss = total / max(1, count)
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50)), "eval_tokens": count}
+    title = f"perplexity on the validation split ({len(items)} examples, trained tokens only)"
+    return {"eval_loss": tuned["nll"], "eval_perplexity": tuned["perplexity"], "eval_tokens": tuned["tokens"],
+            "base_eval_perplexity": base["perplexity"], "eval_perplexity_change_pct": tuned.get("perplexity_change_pct")}, \
+        as_text([base, tuned], title)

@@ -178,45 +178,28 @@ def test_quickstart_adapter_report_with_builtin_judge(cli, tmp_path, builtin_cac
 
 @pytest.fixture
 def served_tiny(tiny, tmp_path):
-    """A real OpenAI-compatible server (`transformers serve`) holding the tiny model; stopped afterwards."""
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+    """Our own OpenAI-compatible server (a real `finetune serve` process) holding the tiny model in fp32."""
+    pytest.importorskip("fastapi", reason="finetune serve needs the serve extra (fastapi, uvicorn)")
+    from test_serve import Server
 
-    pytest.importorskip("uvicorn", reason="transformers serve needs fastapi and uvicorn")
-    pytest.importorskip("fastapi", reason="transformers serve needs fastapi and uvicorn")
-    port = free_port()
-    exe = Path(sys.executable).parent / "transformers"
-    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
-    (tmp_path / "hub").mkdir()
-    proc = subprocess.Popen([str(exe), "serve", str(tiny), "--port", str(port), "--device", "cpu"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = Server([tiny, "--dtype", "fp32"], tmp_path)
     try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("transformers serve did not start")
-        yield f"http://127.0.0.1:{port}/v1"
+        yield server.url + "/v1"
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        server.stop()
 
 
 def test_judge_through_an_openai_compatible_server(cli, tmp_path, tiny, trained, served_tiny, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "unused-by-this-server")
     p = prompts_file(tmp_path)
-    res = cli("eval", str(tiny), str(trained), "--prompts", p, "--judge", served_tiny)
-    assert res.code == 2 and "lists no models" in res.text and "--judge-model" in res.text  # this server lists none
-    res = cli("eval", str(tiny), str(trained), "--prompts", p, "--judge", served_tiny, "--judge-model", str(tiny),
-              "--max-new-tokens", "8", "--out", tmp_path / "remote", "--json")
+    res = cli("eval", str(tiny), str(trained), "--prompts", p, "--judge", served_tiny, "--judge-model", "no-such-model")
+    assert res.code == 2 and f"does not serve it — it serves {tiny.name}" in res.text
+    # no --judge-model: the one model the server lists is the judge
+    res = cli("eval", str(tiny), str(trained), "--prompts", p, "--judge", served_tiny, "--max-new-tokens", "8",
+              "--dtype", "fp32", "--out", tmp_path / "remote", "--json")
     assert res.code == 0, res.text
     remote = json.loads(res.out)["judge"]
-    assert remote["judge"] == f"{tiny} at {served_tiny}"
+    assert remote["judge"] == f"{tiny.name} at {served_tiny}"
     pair = remote["pairs"][str(trained)]
     assert pair["win"] + pair["tie"] + pair["loss"] + pair["unparseable"] == 3 and pair["unparseable"] >= 1
     rows = [json.loads(line) for line in (tmp_path / "remote" / "answers.jsonl").read_text().splitlines()]
@@ -224,3 +207,9 @@ def test_judge_through_an_openai_compatible_server(cli, tmp_path, tiny, trained,
         v = r["judge"][str(trained)]
         for side in ("candidate_as_b", "candidate_as_a"):
             assert v[side]["raw"] and v[side]["verdict"] == judge.parse_verdict(v[side]["raw"])
+    # the same model judging in-process (greedy, fp32) writes the very same verdicts
+    res = cli("eval", str(tiny), str(trained), "--prompts", p, "--judge", str(tiny), "--max-new-tokens", "8",
+              "--dtype", "fp32", "--out", tmp_path / "local", "--json")
+    assert res.code == 0, res.text
+    local = [json.loads(line) for line in (tmp_path / "local" / "answers.jsonl").read_text().splitlines()]
+    assert [r["judge"][str(trained)] for r in local] == [r["judge"][str(trained)] for r in rows]

@@ -249,6 +249,9 @@ CASES = [
     # the GPU path, refused before loading on any machine
     Case("flash-attn-missing", "flash_attention_2 asked for without flash-attn (and on a CPU)", "pip install flash-attn --no-build-isolation",
          lambda t, m: ["sft", recipe(t, m, model={"attn_implementation": "flash_attention_2"})]),
+    # training samples
+    Case("sample-every-no-validation", "training.sample_every without validation data", "training.sample_every: answers validation prompts",
+         lambda t, m: ["sft", recipe(t, m, training={"sample_every": 5})]),
 ]
 
 

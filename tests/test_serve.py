@@ -75,7 +75,7 @@ class Server:
 @pytest.fixture(scope="module")
 def server(tiny, adapters, tmp_path_factory):
     pico, star = adapters
-    s = Server([pico, star, "--dtype", "fp32"], tmp_path_factory.mktemp("serve"))
+    s = Server([pico, star], tmp_path_factory.mktemp("serve"))  # no --dtype: a CPU serves in fp32 by default
     yield s
     s.stop()
 
@@ -89,6 +89,8 @@ def ask(client, model: str, content: str, **kw) -> str:
 def test_models_listed_base_included(server, tiny):
     ids = [m.id for m in server.client().models.list().data]
     assert ids == [tiny.name, "pico", "star"]
+    health = server.request("GET", "/health")[1]
+    assert health["dtype"] == "fp32" and health["threads"] >= 1  # CPU defaults: batched answers stay exact
 
 
 def test_adapter_answers_streamed_and_differs_from_base(server, tiny):

@@ -54,6 +54,7 @@ def test_sft_trains_adapter_and_leaves_base(cli, tmp_path, tiny, quant):
     assert manifest["quantization"] == quant and manifest["seed"] == 42
     assert manifest["data"]["files"][0]["sha256"] and manifest["base"]["sha256"]
     assert manifest["speed"]["device"] == "cpu" and "eval_loss" in manifest["final_metrics"]
+    assert (out / "eval.txt").is_file() and not (out / "samples.jsonl").exists()  # samples are off by default
     gen = json.loads((out / "generation_config.json").read_text())
     assert 3 in gen["eos_token_id"]  # <|im_end|>, the template's end of turn
 

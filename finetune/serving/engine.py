@@ -11,6 +11,7 @@ one (static batching: measured in bench/ against one request at a time).
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import threading
 import time
@@ -90,15 +91,44 @@ def parse_spec(spec: str) -> tuple[str | None, str]:
     return None, spec
 
 
+def serving_dtype(dtype: str) -> str:
+    """`auto` serves in fp32 on a CPU. Measured on the built-in base (docs/benchmarks.md, Serving): in bf16 a
+    left-padded row of a batch computes attention over its padding-shifted keys in a different order, the
+    rounding differs by one bf16 step, and after 30 layers greedy answers flipped within their first tokens
+    (rows without padding stayed bit-identical); in fp32 batched answers equal one-at-a-time answers."""
+    import torch
+
+    return "fp32" if dtype == "auto" and not torch.cuda.is_available() else dtype
+
+
+def cpu_threads(requested: int | None) -> int:
+    """Threads for generation on a CPU. Decoding a small model is hundreds of tiny ops per token, each ending in
+    a barrier of all threads: on a machine whose cores are already busy (load average at least the core count),
+    every barrier waits for a descheduled thread, and one thread measured 4-15x faster than two (docs/benchmarks.md).
+    Otherwise torch's default (one per core)."""
+    import torch
+
+    if requested:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = hasattr(os, "getloadavg") and os.getloadavg()[0] >= cores
+    return 1 if busy else torch.get_num_threads()
+
+
 class Engine:
     def __init__(self, specs: list[str], *, dtype: str = "auto", quantization: str | None = None,
-                 max_batch: int = 8, batch_window_s: float = 0.05, log=print):
+                 max_batch: int = 8, batch_window_s: float = 0.05, threads: int | None = None, log=print):
         self.max_batch, self.batch_window_s, self.log = max_batch, batch_window_s, log
         self.models: dict[str, Served] = {}
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.stopping = threading.Event()
-        self.stats = {"batches": 0, "rows": 0, "cancelled": 0}
-        self._load(specs, dtype, quantization)
+        self.dtype = serving_dtype(dtype)
+        self.threads = threads
+        self.stats = {"batches": 0, "rows": 0, "cancelled": 0, "dtype": self.dtype}
+        self._load(specs, self.dtype, quantization)
+        if not any(s.group.loaded.device == "cuda" for s in self.models.values()):
+            self.threads = cpu_threads(threads)
+            self.stats["threads"] = self.threads
         self.thread = threading.Thread(target=self._loop, name="finetune-generate", daemon=True)
 
     # ---- loading ------------------------------------------------------------------------------------
@@ -186,6 +216,10 @@ class Engine:
         self.queue.put(job)
 
     def _loop(self) -> None:
+        if self.threads:
+            import torch
+
+            torch.set_num_threads(self.threads)
         pending: list[Job] = []
         try:
             self._serve(pending)

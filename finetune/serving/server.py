@@ -52,7 +52,7 @@ def check(specs: list[str], host: str, port: int, api_key: str | None, no_auth: 
 
 
 def run(specs: list[str], *, host: str, port: int, api_key: str | None, no_auth: bool, engine: str, dtype: str,
-        quantization: str | None, max_tokens: int, max_body_bytes: int, max_batch: int) -> None:
+        quantization: str | None, max_tokens: int, max_body_bytes: int, max_batch: int, threads: int = 0) -> None:
     api_key = api_key or os.environ.get("FINETUNE_API_KEY") or None
     check(specs, host, port, api_key, no_auth, max_tokens, max_batch)
     if engine == "vllm":
@@ -66,10 +66,12 @@ def run(specs: list[str], *, host: str, port: int, api_key: str | None, no_auth:
     from finetune.serving.api import Limits, create_app
     from finetune.serving.engine import Engine
 
-    eng = Engine(specs, dtype=dtype, quantization=quantization, max_batch=max_batch, log=err.print)
+    eng = Engine(specs, dtype=dtype, quantization=quantization, max_batch=max_batch, threads=threads or None, log=err.print)
     app = create_app(eng, Limits(max_body_bytes=max_body_bytes, max_tokens=max_tokens, api_key=api_key))
     eng.start()
     shown = f"[{host}]" if ":" in host else host
+    if "threads" in eng.stats:
+        err.print(f"generating in {eng.dtype} with {eng.threads} CPU thread{'s' if eng.threads > 1 else ''}")
     err.print(f"[bold]serving[/] {', '.join(eng.models)} on http://{shown}:{port} "
               f"(chat page at /, OpenAI API at /v1{'; API key required' if api_key else ''}) · Ctrl-C stops")
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=3,
