@@ -297,7 +297,7 @@ def serve(
     max_tokens: Annotated[int, typer.Option(min=1, help="Largest max_tokens a request may ask for (and the default).")] = 1024,
     max_body_bytes: Annotated[int, typer.Option(min=1, help="Largest request body accepted.")] = 1 << 20,
     max_batch: Annotated[int, typer.Option(min=1, help="Most requests generated together in one batch.")] = 8,
-    threads: Annotated[int, typer.Option(min=0, help="CPU threads for generation; 0: one per core, or 1 when the cores are already busy.")] = 0,
+    threads: Annotated[int, typer.Option(min=0, help="CPU threads for generation; 0: one per core that other processes leave free.")] = 0,
 ) -> None:
     """OpenAI-compatible API (/v1/chat/completions, /v1/completions, /v1/models) and a web chat page at /."""
     from finetune.serving import server

@@ -11,7 +11,6 @@ one (static batching: measured in bench/ against one request at a time).
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
 import threading
 import time
@@ -102,17 +101,14 @@ def serving_dtype(dtype: str) -> str:
 
 
 def cpu_threads(requested: int | None) -> int:
-    """Threads for generation on a CPU. Decoding a small model is hundreds of tiny ops per token, each ending in
-    a barrier of all threads: on a machine whose cores are already busy (load average at least the core count),
-    every barrier waits for a descheduled thread, and one thread measured 4-15x faster than two (docs/benchmarks.md).
-    Otherwise torch's default (one per core)."""
+    """Threads for generation on a CPU: the user's number, else the training rule (speed.cpu_threads: one per core
+    other processes leave free). Decoding a small model is hundreds of tiny ops per token, each ending in a
+    barrier of all threads; on busy cores one thread measured 4-15x faster than two (docs/benchmarks.md)."""
     import torch
 
-    if requested:
-        return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = hasattr(os, "getloadavg") and os.getloadavg()[0] >= cores
-    return 1 if busy else torch.get_num_threads()
+    from finetune import speed
+
+    return requested or speed.cpu_threads() or torch.get_num_threads()
 
 
 class Engine:
