@@ -189,3 +189,36 @@ def test_shipped_pipelines_validate():
     for path in sorted((REPO / "recipes" / "pipelines").glob("*.yaml")):
         spec = pipeline.load(path)
         assert spec.stages and all(s.method in (None, *pipeline.METHODS) for s in spec.stages)
+
+
+@pytest.mark.slow
+def test_shipped_pipeline_end_to_end(tmp_path, builtin_cache):
+    """recipes/pipelines/pico.yaml on the built-in base: every stage runs, a second invocation skips them all,
+    a changed middle stage runs again with what follows, and the lineage is in the final manifest."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    spec = yaml.safe_load((REPO / "recipes" / "pipelines" / "pico.yaml").read_text())
+    spec["output"] = str(tmp_path / "runs")
+    path = write_recipe(tmp_path / "pico.yaml", spec)
+    env = {**os.environ, "FINETUNE_CACHE": str(builtin_cache), "PYTHONPATH": str(REPO)}
+
+    def run() -> dict:
+        done = subprocess.run([sys.executable, "-m", "finetune", "run", str(path)], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=3600)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return statuses(json.loads((tmp_path / "runs" / "pipeline.json").read_text()))
+
+    names = [s["name"] for s in spec["stages"]]
+    assert run() == dict.fromkeys(names, "ran")
+    assert run() == dict.fromkeys(names, "skipped")
+    spec["stages"][2]["set"].append("training.learning_rate=2.0e-5")
+    write_recipe(path, spec)
+    assert run() == {**dict.fromkeys(names[:2], "skipped"), **dict.fromkeys(names[2:], "ran")}
+    lineage = json.loads((tmp_path / "runs" / "04-merged" / "manifest.json").read_text())["pipeline"]
+    assert [r["stage"] for r in lineage["stages"]] == names
+    assert lineage["stages"][2]["settings"]["training"]["learning_rate"] == 2.0e-5
+    assert all(r["output"]["sha256"] for r in lineage["stages"])
+    assert lineage["stages"][4]["metrics"]["files"][0]["verified"] is True
