@@ -158,10 +158,10 @@ def plan(pipe: Pipeline, path: Path, launch: Launch, log: Callable[[str], Any] =
                 r = stage_recipe(stage)
                 if not compared:  # the first training stage: the pipeline starts from its recipe's model
                     base, adapter = base or r.model.base, r.model.adapter
+                    p.base, p.adapter = base, adapter
                 r.model.base, r.model.adapter, r.output.dir = base, adapter, str(p.folder)
                 recipes.require_method(r, stage.method, f"stage `{stage.name}` recipe")
-                checked = preflight.preflight(r, stage.method, launch, overwrite=True, planned=made, log=log)
-                p.base, p.adapter, p.recipe, p.identity = base, adapter, r, checked.identity
+                p.recipe, p.identity = r, preflight.preflight(r, stage.method, launch, overwrite=True, planned=made, log=log).identity
             elif stage.step == "merge":
                 if adapter is None:
                     raise UserError("a merge step folds an adapter into its base — put it after a training stage")
