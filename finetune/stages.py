@@ -26,7 +26,7 @@ import yaml
 from rich.markup import escape
 from rich.table import Table
 
-from finetune import artifacts, checkpoints, launch, pipeline, preflight
+from finetune import artifacts, checkpoints, launch, models, pipeline, preflight
 from finetune.errors import RunStopped, UserError
 from finetune.pipeline import Planned
 from finetune.training import console
@@ -103,28 +103,18 @@ def model_identity(spec: str | None, hashes: dict[str, str]) -> dict | None:
         return None
     if spec in hashes:
         return {"stage_output": hashes[spec]}
-    folder = Path(spec)
-    if folder.is_dir():
-        return {"path": spec, "sha256": files_sha256(weight_files(folder))}
-    return {"name": spec}
+    return models.weights_identity(spec) if Path(spec).is_dir() else {"name": spec}
 
 
-def weight_files(folder: Path) -> list[Path]:
-    if (folder / "adapter_config.json").is_file():
-        return [folder / "adapter_config.json", folder / "adapter_model.safetensors"]
-    return [folder / "config.json", *sorted(folder.glob("*.safetensors"))]
-
-
-def output_files(p: Planned) -> list[Path]:
-    if p.stage.step == "export":
-        return sorted(p.folder.glob("*.gguf"))
-    if p.stage.step == "eval":
-        return [p.folder / "eval.json"]
-    return weight_files(p.folder)
+def output_hash(p: Planned) -> str | None:
+    """The stage's result: a model's or adapter's weights, the GGUF files, the eval results."""
+    if p.makes_model:
+        return models.weights_identity(str(p.folder))["sha256"]
+    return files_sha256(sorted(p.folder.glob("*.gguf")) if p.stage.step == "export" else [p.folder / "eval.json"])
 
 
 def files_sha256(files: list[Path]) -> str | None:
-    """One sha256 over the files' names and contents; None when any is missing."""
+    """One sha256 over the files' names and contents; None when there are none or one is missing."""
     if not files or not all(f.is_file() for f in files):
         return None
     h = hashlib.sha256()
@@ -151,7 +141,7 @@ def write_state(out: Path, p: Planned, state: dict) -> None:
 def is_finished(p: Planned, state: dict | None, key: str) -> bool:
     if not state or not state.get("finished") or state["key"] != key:
         return False
-    return files_sha256(output_files(p)) == state["record"]["output"]["sha256"]
+    return output_hash(p) == state["record"]["output"]["sha256"]
 
 
 # ---- running one stage -----------------------------------------------------------------------------
@@ -180,7 +170,7 @@ def run_stage(p: Planned, key: str, resume: bool, path: Path, callbacks: Sequenc
     return {"stage": p.stage.name, "index": p.index, "kind": p.kind, "status": "resumed" if resume else "ran",
             "settings": p.recipe.model_dump(mode="json") if p.recipe else p.stage.model_dump(mode="json", exclude={"recipe", "set"}),
             "data": data, "input": {"base": p.base, "adapter": p.adapter, **({"models": p.compared} if p.compared else {})},
-            "input_key": key, "metrics": metrics, "output": {"path": str(p.folder), "sha256": files_sha256(output_files(p))},
+            "input_key": key, "metrics": metrics, "output": {"path": str(p.folder), "sha256": output_hash(p)},
             "seconds": round(time.time() - started, 1), "ended": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
