@@ -168,7 +168,8 @@ def run_stage(p: Planned, key: str, resume: bool, path: Path, callbacks: Sequenc
                + (" and this one continues from its last checkpoint" if kept else ""))
         raise type(exc)(f"{p.label} failed: {exc}\n{how}") from None
     return {"stage": p.stage.name, "index": p.index, "kind": p.kind, "status": "resumed" if resume else "ran",
-            "settings": p.recipe.model_dump(mode="json") if p.recipe else p.stage.model_dump(mode="json", exclude={"recipe", "set"}),
+            **({"recipe": p.recipe.model_dump(mode="json")} if p.recipe else
+               {"settings": p.stage.model_dump(mode="json", include=pipeline.STEP_KEYS[p.stage.step])}),
             "data": data, "input": {"base": p.base, "adapter": p.adapter, **({"models": p.compared} if p.compared else {})},
             "input_key": key, "metrics": metrics, "output": {"path": str(p.folder), "sha256": output_hash(p)},
             "seconds": round(time.time() - started, 1), "ended": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -87,12 +87,12 @@ def test_handoffs_skip_rerun_and_lineage(tmp_path, tiny, cli):
     final = json.loads((runs / "04-merged" / "manifest.json").read_text())["pipeline"]
     assert final == json.loads((runs / "pipeline.json").read_text())
     first = final["stages"][0]
-    assert first["settings"]["training"]["max_steps"] == 3 and first["settings"]["output"]["dir"] == str(runs / "01-first")
+    assert first["recipe"]["training"]["max_steps"] == 3 and first["recipe"]["output"]["dir"] == str(runs / "01-first")
     chat_sha = hashlib.sha256((tmp_path / "chat.jsonl").read_bytes()).hexdigest()
     assert first["data"] == [{"path": str(tmp_path / "chat.jsonl"), "sha256": chat_sha}]
     assert first["metrics"]["summary"]["steps"] == 3
     assert first["output"]["sha256"] == hashlib.sha256(b"adapter_model.safetensors" + (runs / "01-first" / "adapter_model.safetensors").read_bytes()).hexdigest()
-    assert final["stages"][3]["metrics"]["passed"] is True
+    assert final["stages"][3]["metrics"]["passed"] is True and final["stages"][3]["settings"] == {"dtype": "fp32"}
     res = cli("info", runs / "04-merged")
     assert res.code == 0, res.text
     assert "pipeline tinyline" in res.out and "prefs" in res.out and first["output"]["sha256"][:12] in res.out
@@ -218,6 +218,6 @@ def test_shipped_pipeline_end_to_end(tmp_path, builtin_cache):
     assert run() == {**dict.fromkeys(names[:2], "skipped"), **dict.fromkeys(names[2:], "ran")}
     lineage = json.loads((tmp_path / "runs" / "04-merged" / "manifest.json").read_text())["pipeline"]
     assert [r["stage"] for r in lineage["stages"]] == names
-    assert lineage["stages"][2]["settings"]["training"]["learning_rate"] == 2.0e-5
+    assert lineage["stages"][2]["recipe"]["training"]["learning_rate"] == 2.0e-5
     assert all(r["output"]["sha256"] for r in lineage["stages"])
     assert lineage["stages"][4]["metrics"]["files"][0]["verified"] is True
