@@ -318,7 +318,7 @@ def serve(
 
 @app.command()
 def info(
-    model: Annotated[str, typer.Argument(help="Base alias / folder / .gguf, adapter folder, or merged folder.")],
+    model: Annotated[str, typer.Argument(help="Base alias / folder / .gguf, adapter folder, merged folder, or a pipeline's folder (its lineage).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the facts as JSON.")] = False,
 ) -> None:
     """Architecture, parameters, dtype, context, vocabulary, chat template; for an adapter its base, rank, targets, recipe."""

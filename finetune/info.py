@@ -2,7 +2,8 @@
 
 Architecture, parameters (counted from the safetensors headers), dtype, context length, vocabulary, the chat
 template rendered on a sample conversation, quantization; for an adapter also its base, rank, alpha,
-target modules and the training recipe saved beside it.
+target modules and the training recipe saved beside it; for a folder made by `finetune run` (the pipeline's
+own folder, or its final model) the lineage of every stage.
 """
 
 from __future__ import annotations
@@ -101,10 +102,10 @@ def run(spec: str, as_json: bool = False) -> None:
     folder = Path(spec).expanduser()
     info = models.adapter_info(folder) if folder.is_dir() else None
     out: dict = {"model": spec}
-    stages = lineage(folder) if folder.is_dir() else None
-    if stages is not None:
-        out["lineage"] = stages
-    if stages is not None and info is None and not (folder / "config.json").is_file():
+    made_by = lineage(folder) if folder.is_dir() else None
+    if made_by is not None:
+        out["lineage"] = made_by
+    if made_by is not None and info is None and not (folder / "config.json").is_file():
         out["kind"] = "pipeline"  # a pipeline's folder: its lineage is the whole story
     elif info is not None:
         out["kind"] = "adapter"
@@ -132,10 +133,10 @@ def run(spec: str, as_json: bool = False) -> None:
         return
     if out["kind"] != "pipeline":
         show(out)
-    if stages is not None:
+    if made_by is not None:
         from finetune.stages import lineage_table
 
-        Console(highlight=False).print(lineage_table(stages))
+        Console(highlight=False).print(lineage_table(made_by))
 
 
 def show(out: dict) -> None:
