@@ -137,6 +137,17 @@ def dpo(
     _train("dpo", recipe, set_, overwrite, resume, num_processes, accelerate_config)
 
 
+@app.command("run")
+def run_pipeline(
+    pipeline: Annotated[Path, typer.Argument(help="Pipeline YAML: stages of training methods and merge / export / eval steps (see recipes/pipelines/).")],
+    from_: Annotated[Optional[str], typer.Option("--from", help="Run this stage and every stage after it again, even if unchanged.")] = None,
+) -> None:
+    """Run a pipeline of stages; each feeds the next. Unchanged finished stages are skipped, a stopped one resumes."""
+    from finetune import stages
+
+    stages.run(pipeline, from_stage=from_)
+
+
 @app.command()
 def inspect(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML.")],
@@ -309,7 +320,7 @@ def serve(
 
 @app.command()
 def info(
-    model: Annotated[str, typer.Argument(help="Base alias / folder / .gguf, adapter folder, or merged folder.")],
+    model: Annotated[str, typer.Argument(help="Base alias / folder / .gguf, adapter folder, merged folder, or a pipeline's folder (its lineage).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the facts as JSON.")] = False,
 ) -> None:
     """Architecture, parameters, dtype, context, vocabulary, chat template; for an adapter its base, rank, targets, recipe."""

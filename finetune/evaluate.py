@@ -173,7 +173,7 @@ def evaluate_model(spec: str, path: Path, *, max_length: int, stride: int | None
 
 
 def run(specs: list[str], data_path: Path, *, max_length: int, stride: int | None, batch_size: int | None,
-        quantization: str | None, as_json: bool, dtype: str = "auto") -> None:
+        quantization: str | None, as_json: bool, dtype: str = "auto") -> list[dict]:
     if max_length < 2:
         raise UserError("--max-length must be at least 2")
     if stride is not None and stride < 1:
@@ -189,11 +189,12 @@ def run(specs: list[str], data_path: Path, *, max_length: int, stride: int | Non
         err.print(f"[bold yellow]warning:[/] {why}", soft_wrap=True)
     if as_json:
         print(json.dumps(results, indent=2))
-        return
+        return results
     Console().print(table(results, f"perplexity on {data_path}"))
     for r in results:
         if "reading" in r:
             Console(highlight=False, soft_wrap=True).print(r["reading"])
+    return results
 
 
 def compare(results: list[dict]) -> str | None:

@@ -2,7 +2,8 @@
 
 Architecture, parameters (counted from the safetensors headers), dtype, context length, vocabulary, the chat
 template rendered on a sample conversation, quantization; for an adapter also its base, rank, alpha,
-target modules and the training recipe saved beside it.
+target modules and the training recipe saved beside it; for a folder made by `finetune run` (the pipeline's
+own folder, or its final model) the lineage of every stage.
 """
 
 from __future__ import annotations
@@ -86,11 +87,27 @@ def adapter_facts(folder: Path, info: dict) -> dict:
     return facts
 
 
+def lineage(folder: Path) -> dict | None:
+    """The stages that made a folder, where `finetune run` recorded them: a pipeline's own folder, or the
+    manifest of its final model."""
+    from finetune.stages import LINEAGE
+
+    if (folder / LINEAGE).is_file():
+        return json.loads((folder / LINEAGE).read_text())
+    manifest = folder / "manifest.json"
+    return json.loads(manifest.read_text()).get("pipeline") if manifest.is_file() else None
+
+
 def run(spec: str, as_json: bool = False) -> None:
     folder = Path(spec).expanduser()
     info = models.adapter_info(folder) if folder.is_dir() else None
     out: dict = {"model": spec}
-    if info is not None:
+    made_by = lineage(folder) if folder.is_dir() else None
+    if made_by is not None:
+        out["lineage"] = made_by
+    if made_by is not None and info is None and not (folder / "config.json").is_file():
+        out["kind"] = "pipeline"  # a pipeline's folder: its lineage is the whole story
+    elif info is not None:
         out["kind"] = "adapter"
         out["adapter"] = adapter_facts(folder, info)
         try:
@@ -114,7 +131,12 @@ def run(spec: str, as_json: bool = False) -> None:
     if as_json:
         print(json.dumps(out, indent=2))
         return
-    show(out)
+    if out["kind"] != "pipeline":
+        show(out)
+    if made_by is not None:
+        from finetune.stages import lineage_table
+
+        Console(highlight=False).print(lineage_table(made_by))
 
 
 def show(out: dict) -> None:

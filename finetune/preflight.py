@@ -13,7 +13,7 @@ import struct
 from dataclasses import dataclass
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Collection
 
 from finetune import artifacts, checkpoints, data, models
 from finetune.errors import UserError
@@ -33,13 +33,18 @@ class Plan:
 
 
 def preflight(recipe: Recipe, method: str, launch: Launch, device: str | None = None, resume: bool = False, *,
-              overwrite: bool = False, rerun: str | None = None, log: Callable[[str], None] = print) -> Plan:
+              overwrite: bool = False, rerun: str | None = None, log: Callable[[str], None] = print,
+              planned: Collection[str] = ()) -> Plan:
+    """`planned`: folders an earlier pipeline stage will write (a base or an adapter that does not exist yet);
+    they are checked when that stage has run, everything else now."""
     device = device or models.pick_device(recipe.model.device)
     dtype = models.pick_dtype(recipe.model.dtype, device)
     check_attention(recipe.model, device, dtype)
     check_launch(recipe, launch, device)
-    check_base(recipe.model, log)
-    check_adapter(recipe.model)
+    if recipe.model.base not in planned:
+        check_base(recipe.model, log)
+    if recipe.model.adapter not in planned:
+        check_adapter(recipe.model)
     files = check_data(recipe, method)
     out = recipe.output_dir()
     artifacts.prepare_output(out, overwrite=overwrite, resume=resume)

@@ -246,10 +246,12 @@ def parse_override(item: str) -> tuple[str, str]:
     return key.strip(), value
 
 
-def _fields_at(loc: tuple) -> list[str]:
-    """Known keys of the model at `loc` (for did-you-mean)."""
-    model: type[BaseModel] | None = Recipe
+def _fields_at(loc: tuple, root: type[BaseModel] | None = None) -> list[str]:
+    """Known keys of the model at `loc` (for did-you-mean); list positions are stepped over."""
+    model: type[BaseModel] | None = root or Recipe
     for part in loc:
+        if isinstance(part, int):
+            continue
         if model is None or part not in model.model_fields:
             return []
         ann = model.model_fields[part].annotation
@@ -257,18 +259,18 @@ def _fields_at(loc: tuple) -> list[str]:
     return list(model.model_fields) if model else []
 
 
-def format_errors(err: ValidationError, source: str) -> str:
+def format_errors(err: ValidationError, source: str, root: type[BaseModel] | None = None, what: str = "recipe") -> str:
     lines = []
     for e in err.errors():
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and (p.startswith("function-") or p in ("str", "float", "list[str]", "literal['all-linear']", "literal['auto']", "bool", "int"))))
         path = ".".join(str(p) for p in loc) or "(recipe)"
         if e["type"] == "extra_forbidden":
-            known = _fields_at(loc[:-1])
+            known = _fields_at(loc[:-1], root)
             close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
             hint = f"did you mean `{close[0]}`?" if close else f"known keys here: {', '.join(known)}"
             lines.append(f"{path}: unknown key — {hint}")
         elif e["type"] == "missing":
-            lines.append(f"{path}: required — add it to the recipe")
+            lines.append(f"{path}: required — add it to the {what}")
         elif e["type"] == "literal_error":
             lines.append(f"{path}: {e['input']!r} is not allowed — {e['msg'].replace('Input should be ', 'use ')}")
         else:
@@ -278,34 +280,43 @@ def format_errors(err: ValidationError, source: str) -> str:
             lines.append(f"{msg}{got}" if not loc else f"{path}: {msg}{got}")
     # one problem may surface once per union member; keep each line once
     unique = list(dict.fromkeys(lines))
-    return f"{source}: {len(unique)} problem(s) in the recipe:\n" + "\n".join(f"  {l}" for l in unique)
+    return f"{source}: {len(unique)} problem(s) in the {what}:\n" + "\n".join(f"  {l}" for l in unique)
+
+
+def read_yaml(path: Path, what: str = "recipe", where: str = "recipes/") -> Any:
+    """A YAML file's contents (safe loader: no Python objects), or one message naming the line to fix."""
+    if not path.is_file():
+        raise UserError(f"{path}: {what} file not found — check the path ({what}s live in {where})")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" line {mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{at}: not valid YAML ({getattr(exc, 'problem', exc)}) — fix the syntax there") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a text file — a {what} is UTF-8 YAML") from None
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: recipe file not found — check the path (recipes live in recipes/)")
-    try:
-        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)}) — fix the syntax there") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not a text file — a recipe is UTF-8 YAML") from None
+    tree = read_yaml(path)
     if tree is None:
         tree = {}
     if not isinstance(tree, dict):
         raise UserError(f"{path}: a recipe is a mapping of sections (model, lora, data, training, dpo, output)")
     tree.setdefault("name", path.stem)
+    # relative data paths in a recipe are relative to where the command runs (the repository root)
+    return from_tree(tree, str(path), overrides)
+
+
+def from_tree(tree: dict, source: str, overrides: list[str] | None = None) -> Recipe:
+    """A recipe from an already parsed mapping (a file's, or one written inline in a pipeline), `--set` applied."""
     for item in overrides or []:
         _set_path(tree, *parse_override(item))
     try:
-        recipe = Recipe.model_validate(tree)
+        return Recipe.model_validate(tree)
     except ValidationError as err:
-        raise UserError(format_errors(err, str(path))) from None
-    # relative data paths in a recipe are relative to where the command runs (the repository root)
-    return recipe
+        raise UserError(format_errors(err, source)) from None
 
 
 def require_method(recipe: Recipe, method: Literal["sft", "dpo"], path: str) -> None:

@@ -125,6 +125,18 @@ def nonempty_out(t, m):
     return ["sft", recipe(t, m)]
 
 
+def pipeline(t: Path, m: Path, *stages, **top) -> Path:
+    """A pipeline file whose training stages use the good recipe inline."""
+    return write_recipe(t / "p.yaml", {"output": str(t / "runs"), **top, "stages": [
+        {"name": name, **({"method": "sft", "recipe": good(t, m)} if kind == "sft" else kind)} for name, kind in stages]})
+
+
+def foreign_runs(t, m):
+    (t / "runs").mkdir()
+    (t / "runs" / "precious.txt").write_text("keep me")
+    return ["run", pipeline(t, m, ("a", "sft"))]
+
+
 GOOD_ROW = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n"
 
 CASES = [
@@ -252,6 +264,21 @@ CASES = [
     # training samples
     Case("sample-every-no-validation", "training.sample_every without validation data", "training.sample_every: answers validation prompts",
          lambda t, m: ["sft", recipe(t, m, training={"sample_every": 5})]),
+    # pipelines (finetune run): the whole file is checked before any stage runs
+    Case("pipeline-missing", "pipeline file does not exist", "pipeline file not found", lambda t, m: ["run", t / "nope.yaml"]),
+    Case("pipeline-stage-kind", "a stage with neither a method nor a step", "give either method: (sft, dpo",
+         lambda t, m: ["run", pipeline(t, m, ("a", "sft"), ("b", {"recipe": "r.yaml"}))]),
+    Case("pipeline-unknown-method", "a stage with a method that does not exist", "method: 'ppo' is not a training method",
+         lambda t, m: ["run", pipeline(t, m, ("a", {"method": "ppo", "recipe": "r.yaml"}))]),
+    Case("pipeline-merge-first", "a merge step before any training stage", "a merge step folds an adapter into its base",
+         lambda t, m: ["run", pipeline(t, m, ("m", {"step": "merge"}), ("a", "sft"))]),
+    Case("pipeline-stage-recipe", "a misspelt key in a stage's recipe", "training.learning_rat: unknown key",
+         lambda t, m: ["run", pipeline(t, m, ("a", "sft"), ("b", {"method": "sft", "recipe": str(recipe(t, m)), "set": ["training.learning_rat=1"]}))]),
+    Case("pipeline-step-key", "a key of another step (quant on a merge)", "quant is not a key of a merge step",
+         lambda t, m: ["run", pipeline(t, m, ("a", "sft"), ("m", {"step": "merge", "quant": ["q8_0"]}))]),
+    Case("pipeline-foreign-output", "an output folder that no pipeline wrote", "a non-empty folder that no pipeline wrote", foreign_runs),
+    Case("pipeline-from-unknown", "--from a stage that does not exist", "--from nope: no stage has that name",
+         lambda t, m: ["run", pipeline(t, m, ("a", "sft")), "--from", "nope"]),
 ]
 
 
@@ -296,7 +323,7 @@ def test_bad_input(case, cli, tmp_path, tiny, model_loads):
     model_loads.clear()  # a case may train an adapter to set itself up
     before = snapshot(tmp_path)
     res = cli(*args)
-    if args[0] in ("sft", "dpo") and case.id not in NEEDS_THE_MODEL:
+    if args[0] in ("sft", "dpo", "run") and case.id not in NEEDS_THE_MODEL:
         assert model_loads == [], f"{case.id}: refused only after loading the base"
     assert res.code == 2, res.text
     assert case.expect in res.err, res.err
