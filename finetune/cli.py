@@ -138,6 +138,32 @@ def dpo(
 
 
 @app.command()
+def reward(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML with a `reward:` section.")],
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    num_processes: ProcessesOpt = None,
+    accelerate_config: AccelerateOpt = None,
+) -> None:
+    """Reward model (LoRA + a score head) from preference pairs through TRL's RewardTrainer: held-out accuracy and margin."""
+    _train("reward", recipe, set_, overwrite, resume, num_processes, accelerate_config)
+
+
+@app.command()
+def grpo(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML with a `grpo:` section.")],
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    num_processes: ProcessesOpt = None,
+    accelerate_config: AccelerateOpt = None,
+) -> None:
+    """Online RL (GRPO) through TRL's GRPOTrainer on prompts, with rule rewards, a reward model or your function."""
+    _train("grpo", recipe, set_, overwrite, resume, num_processes, accelerate_config)
+
+
+@app.command()
 def inspect(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML.")],
     set_: SetOpt = None,

@@ -1,0 +1,60 @@
+"""`finetune reward` on the tiny model: separable pairs are separated on held-out pairs, the folder loads as a plain
+classifier, 4-bit runs, resume equals an uninterrupted run, a reward model scores files in `finetune eval`."""
+
+import json
+from pathlib import Path
+
+import torch
+
+from helpers import write_jsonl, write_recipe
+
+# a separable preference: the chosen answer names the star, the rejected one talks about rock and ice
+TOPICS = ["sun", "moon", "sky", "night", "light", "ring", "comet", "planet"]
+
+
+def pairs(n: int, offset: int = 0) -> list[dict]:
+    rows = []
+    for i in range(offset, offset + n):
+        t = TOPICS[i % len(TOPICS)]
+        rows.append({"prompt": f"what is the {t} {i % 5}", "chosen": f"the {t} is a big blue star",
+                     "rejected": f"rock ice gas cold {t} no"})
+    return rows
+
+
+def reward_recipe(tmp_path: Path, tiny: Path, quant="none", name="rm", **training) -> Path:
+    train_file = write_jsonl(tmp_path / "pairs.jsonl", pairs(24))
+    held = write_jsonl(tmp_path / "held.jsonl", pairs(8, offset=100))
+    tree = {"model": {"base": str(tiny), "quantization": quant, "dtype": "fp32" if quant == "none" else "bf16"},
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+            "data": {"train": str(train_file), "validation": str(held), "max_length": 64},
+            "training": {"max_steps": 12, "batch_size": 4, "learning_rate": 2e-2, "log_every": 1, "warmup_ratio": 0.0, **training},
+            "reward": {}, "output": {"dir": str(tmp_path / name)}}
+    return write_recipe(tmp_path / f"{name}.yaml", tree)
+
+
+def test_reward_model_separates_held_out_pairs_and_loads_without_toolkit(cli, tmp_path, tiny):
+    res = cli("reward", reward_recipe(tmp_path, tiny))
+    assert res.code == 0, res.text
+    out = tmp_path / "rm"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["method"] == "reward"
+    final = manifest["final_metrics"]
+    assert final["eval_accuracy"] >= 0.9 and final["eval_margin"] > 0.5, final
+    assert "held-out pairs: accuracy" in res.err
+
+    # plain transformers + PEFT: the head was trained and saved with the adapter
+    from peft import AutoPeftModelForSequenceClassification
+    from transformers import AutoTokenizer
+
+    model = AutoPeftModelForSequenceClassification.from_pretrained(str(out), num_labels=1).eval()
+    tok = AutoTokenizer.from_pretrained(str(out))
+    model.config.pad_token_id = tok.pad_token_id
+
+    def score(prompt, answer):
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}], tokenize=False)
+        with torch.no_grad():
+            return model(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, 0].item()
+
+    held = pairs(8, offset=100)
+    wins = sum(score(r["prompt"], r["chosen"]) > score(r["prompt"], r["rejected"]) for r in held)
+    assert wins >= 7
