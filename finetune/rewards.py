@@ -97,7 +97,7 @@ def load_function(ref: str, at: str) -> Callable:
     try:
         spec.loader.exec_module(module)
     except Exception as exc:  # the user's code: any failure is theirs to fix
-        raise UserError(f"{at}: importing {path} failed: {type(exc).__name__}: {exc} — fix the file") from None
+        raise UserError(f"{at}: importing {path} failed with {type(exc).__name__} ({exc}) — fix the file") from None
     fn = getattr(module, name, None)
     if not callable(fn):
         found = ", ".join(n for n, v in vars(module).items() if callable(v) and not n.startswith("_") and getattr(v, "__module__", "") == module.__name__)
@@ -147,7 +147,7 @@ def user(spec: GrpoReward, at: str) -> Callable:
         try:
             out = fn(prompts=prompts, completions=completions, **kw)
         except Exception as exc:
-            raise UserError(f"{at}: {spec.function} raised {type(exc).__name__}: {exc} — fix the function "
+            raise UserError(f"{at}: {spec.function} raised {type(exc).__name__} ({exc}) — fix the function "
                             "(it is called with prompts, completions and the data columns as keyword lists)") from None
         out = list(out) if out is not None else None
         if out is None or len(out) != len(completions) or not all(v is None or isinstance(v, (int, float)) for v in out):
