@@ -79,6 +79,8 @@ def build(recipe: Recipe, out: Path, callbacks: Sequence = ()) -> Built:
     # the policy's log-probabilities are compared between sampling and training passes: no dropout in between
     model = training.attach_lora(recipe, loaded, settings, dropout=0.0)
     speed.apply(loaded.model, model, settings)
+    # GRPO samples its answers outside autocast, where LoRA layers must cast their input themselves
+    speed.lora_input_casting(model, True)
     funcs, weights, tokenizers = rewards.build(recipe, loaded.device)
     console.print(f"rewards: {rewards.describe(recipe)}")
     g = recipe.grpo

@@ -69,3 +69,35 @@ def test_grpo_with_a_reward_model_and_a_weighted_rule(cli, tmp_path, tiny):
         # TRL sums the weighted rewards per answer: the logged mean is the weighted sum of the means
         assert abs(r["reward"] - (r["rewards/rm/mean"] + 0.5 * r["rewards/length/mean"])) < 1e-4
     assert len({r["rewards/rm/mean"] for r in rows}) == 2  # scores of different answers, not a constant
+
+
+def test_grpo_4bit_runs(cli, tmp_path, tiny):
+    res = cli("grpo", grpo_recipe(tmp_path, tiny, [{"type": "length", "target": 20}], quant="4bit", max_steps=2))
+    assert res.code == 0, res.text
+    assert json.loads((tmp_path / "grpo" / "manifest.json").read_text())["quantization"] == "4bit"
+    assert len(logged(tmp_path / "grpo")) == 2
+
+
+def test_grpo_resume_equals_uninterrupted(cli, tmp_path, tiny):
+    import pytest
+    import torch
+    from safetensors.torch import load_file
+
+    from finetune import recipe as recipes
+    from helpers import train
+    from test_sft import interrupt_at
+
+    straight = grpo_recipe(tmp_path, tiny, [{"type": "length", "target": 20}], max_steps=4, save_every=2)
+    assert cli("grpo", straight, "--set", f"output.dir={tmp_path / 'a'}").code == 0
+    overrides = [f"output.dir={tmp_path / 'b'}"]
+    with pytest.raises(SystemExit) as stopped:
+        train(recipes.load(straight, overrides), "grpo", [interrupt_at(1)])
+    assert stopped.value.code == 130
+    res = cli("grpo", straight, "--set", overrides[0], "--resume")
+    assert res.code == 0, res.text
+    a, b = (load_file(str(tmp_path / x / "adapter_model.safetensors")) for x in "ab")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    # the same answers were sampled after the resume as in the straight run
+    samples = [[json.loads(line) for line in (tmp_path / x / "samples.jsonl").read_text().splitlines()] for x in "ab"]
+    assert [s for s in samples[0] if s["step"] > 2] == [s for s in samples[1] if s["step"] > 2]

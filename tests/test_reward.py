@@ -58,3 +58,37 @@ def test_reward_model_separates_held_out_pairs_and_loads_without_toolkit(cli, tm
     held = pairs(8, offset=100)
     wins = sum(score(r["prompt"], r["chosen"]) > score(r["prompt"], r["rejected"]) for r in held)
     assert wins >= 7
+
+
+def test_reward_4bit_trains_adapter_and_head(cli, tmp_path, tiny):
+    from safetensors.torch import load_file
+
+    res = cli("reward", reward_recipe(tmp_path, tiny, quant="4bit", max_steps=3))
+    assert res.code == 0, res.text
+    out = tmp_path / "rm"
+    assert json.loads((out / "manifest.json").read_text())["quantization"] == "4bit"
+    saved = load_file(str(out / "adapter_model.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)
+    assert "base_model.model.score.weight" in saved  # the head is trained and saved with the adapter
+
+
+def test_reward_resume_equals_uninterrupted(cli, tmp_path, tiny):
+    import pytest
+    from safetensors.torch import load_file
+
+    from finetune import recipe as recipes
+    from helpers import train
+    from test_sft import interrupt_at
+
+    straight = reward_recipe(tmp_path, tiny, max_steps=6, save_every=3)
+    assert cli("reward", straight, "--set", f"output.dir={tmp_path / 'a'}").code == 0
+    overrides = [f"output.dir={tmp_path / 'b'}"]
+    with pytest.raises(SystemExit) as stopped:
+        train(recipes.load(straight, overrides), "reward", [interrupt_at(2)])
+    assert stopped.value.code == 130
+    res = cli("reward", straight, "--set", overrides[0], "--resume")
+    assert res.code == 0, res.text
+    a, b = (load_file(str(tmp_path / x / "adapter_model.safetensors")) for x in "ab")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
