@@ -206,6 +206,13 @@ def eval_(
         raise UserError("--judge compares answers: add --prompts FILE")
     if as_json and sum(x is not None for x in (data, tasks, prompts)) > 1:
         raise UserError("--json prints one JSON document: use one of --data, --tasks, --prompts per run")
+    from finetune import reward_eval
+
+    if any(reward_eval.is_reward_model(m) for m in models):  # `finetune reward` folders: accuracy on pairs, scores of answers
+        if tasks is not None or judge:
+            raise UserError("a reward model scores files: use --data PAIRS (accuracy) and/or --prompts ANSWERS (scores)")
+        reward_eval.run(models, data, prompts, out, quantization=quantization, dtype=dtype, as_json=as_json)
+        return
     if data is not None:
         from finetune import evaluate
 

@@ -92,3 +92,25 @@ def test_reward_resume_equals_uninterrupted(cli, tmp_path, tiny):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_eval_reward_model_accuracy_on_pairs_and_scores_of_answers(cli, tmp_path, tiny):
+    assert cli("reward", reward_recipe(tmp_path, tiny)).code == 0
+    rm = tmp_path / "rm"
+    held = tmp_path / "held.jsonl"
+    res = cli("eval", rm, "--data", held, "--json")
+    assert res.code == 0, res.text
+    (result,) = json.loads(res.out)
+    manifest = json.loads((rm / "manifest.json").read_text())["final_metrics"]
+    # the same pairs, scored one by one, agree with the trainer's held-out evaluation
+    assert result["accuracy"] == manifest["eval_accuracy"]
+    assert abs(result["mean_margin"] - manifest["eval_margin"]) < 1e-3 * max(1, abs(manifest["eval_margin"]))
+    answers = write_jsonl(tmp_path / "answers.jsonl", [
+        {"prompt": "what is the sun 1", "completion": "the sun is a big blue star"},
+        {"prompt": "what is the sun 1", "completion": "rock ice gas cold sun no"}])
+    res = cli("eval", rm, "--prompts", answers, "--out", tmp_path / "rep")
+    assert res.code == 0, res.text
+    good, bad = [json.loads(line)[str(rm)] for line in (tmp_path / "rep" / "scores.jsonl").read_text().splitlines()]
+    assert good > bad
+    res = cli("eval", rm, tiny, "--data", held)
+    assert res.code == 2 and "not a reward model" in res.err
