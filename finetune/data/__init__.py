@@ -4,6 +4,7 @@ read       files, folders, hub ids -> rows tagged `file line N` / `file row N` (
 formats    rows -> conversations, documents or preference pairs; malformed rows are user errors
 template   chat template, assistant spans, loss masks, the template check, end-of-turn ids
 fit        one example into data.max_length (truncation that keeps what is trained) or why it is dropped
+prompts    rows -> prompts (+ the row's other columns) for online RL
 prepare    the whole path for a recipe -> `Prepared` (typed `Example`s or `PreferencePair`s + counts)
 cache      prepared data on disk, keyed by file hashes, tokenizer, template, settings, method and seed
 clean      `finetune data clean`: duplicates, near duplicates, leaks, empty answers, mojibake, personal data
@@ -13,7 +14,6 @@ from finetune.data.formats import (
     ROLE_ALIASES,
     SFT_FORMATS,
     detect,
-    normalise,
     to_messages,
     to_preference,
 )
@@ -27,6 +27,7 @@ from finetune.data.prepare import (
     to_dataset,
     to_preference_dataset,
 )
+from finetune.data.prompts import normalise
 from finetune.data.read import READERS, Row, expand, read, read_file, read_hub
 from finetune.data.template import (
     DEFAULT_CHAT_TEMPLATE,

@@ -217,10 +217,6 @@ def to_preference(d: dict, where: str) -> dict:
 
 def normalise(rows: list, fmt: str, method: str, system_prompt: str | None) -> tuple[str, list[tuple[dict, str]]]:
     """Rows -> (format, [(record, where)]) in the internal form; data.system_prompt added where none is."""
-    if method == "grpo":  # prompts only, in any format that has one; the rest of the row goes to the rewards
-        from finetune.data.prompts import normalise_prompts
-
-        return "prompts", normalise_prompts(rows, system_prompt)
     detected = fmt if fmt != "auto" else detect(rows[0].data, rows[0].where)
     if method == "sft" and detected == "preference":
         raise UserError(f"{rows[0].where}: this is preference data (chosen/rejected) — train it with `finetune dpo` (a recipe with a `dpo:` section)")
