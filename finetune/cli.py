@@ -149,6 +149,32 @@ def run_pipeline(
 
 
 @app.command()
+def reward(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML with a `reward:` section.")],
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    num_processes: ProcessesOpt = None,
+    accelerate_config: AccelerateOpt = None,
+) -> None:
+    """Reward model (LoRA + a score head) from preference pairs through TRL's RewardTrainer: held-out accuracy and margin."""
+    _train("reward", recipe, set_, overwrite, resume, num_processes, accelerate_config)
+
+
+@app.command()
+def grpo(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML with a `grpo:` section.")],
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    num_processes: ProcessesOpt = None,
+    accelerate_config: AccelerateOpt = None,
+) -> None:
+    """Online RL (GRPO) through TRL's GRPOTrainer on prompts, with rule rewards, a reward model or your function."""
+    _train("grpo", recipe, set_, overwrite, resume, num_processes, accelerate_config)
+
+
+@app.command()
 def inspect(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML.")],
     set_: SetOpt = None,
@@ -191,6 +217,13 @@ def eval_(
         raise UserError("--judge compares answers: add --prompts FILE")
     if as_json and sum(x is not None for x in (data, tasks, prompts)) > 1:
         raise UserError("--json prints one JSON document: use one of --data, --tasks, --prompts per run")
+    from finetune import reward_eval
+
+    if any(reward_eval.is_reward_model(m) for m in models):  # `finetune reward` folders: accuracy on pairs, scores of answers
+        if tasks is not None or judge:
+            raise UserError("a reward model scores files: use --data PAIRS (accuracy) and/or --prompts ANSWERS (scores)")
+        reward_eval.run(models, data, prompts, out, quantization=quantization, dtype=dtype, as_json=as_json)
+        return
     if data is not None:
         from finetune import evaluate
 

@@ -245,10 +245,12 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
-def load(section: ModelSection, *, quantization: str | None = None, for_training: bool = True, log=print) -> Loaded:
-    """Load the base named by the recipe (no adapter attached yet)."""
+def load(section: ModelSection, *, quantization: str | None = None, for_training: bool = True, classifier: bool = False,
+         log=print) -> Loaded:
+    """Load the base named by the recipe (no adapter attached yet); `classifier`: with a one-score
+    sequence-classification head instead of the language-model head (reward models)."""
     import transformers
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if os.environ.get("TRANSFORMERS_VERBOSITY") == "error":
         transformers.utils.logging.disable_progress_bar()
@@ -275,8 +277,13 @@ def load(section: ModelSection, *, quantization: str | None = None, for_training
         # the current GPU is this process's own one in a multi-process run (launch.start_worker selects it)
         kwargs["device_map"] = {"": torch.cuda.current_device()} if device == "cuda" else {"": device}
     try:
-        model = AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
+        if classifier:
+            model = AutoModelForSequenceClassification.from_pretrained(base.path, num_labels=1, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(base.path, **kwargs)
         tokenizer = load_tokenizer(base.path, section.trust_remote_code)
+        if classifier:  # the score is read at the last non-pad token, so the config needs the pad id
+            model.config.pad_token_id = tokenizer.pad_token_id
     except OSError as exc:
         if "safetensors" in str(exc) and not section.allow_pickle_weights:
             raise UserError(f"model.base: `{base.spec}` has no safetensors weights — convert them, or set "

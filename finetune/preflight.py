@@ -177,12 +177,23 @@ def check_data(recipe: Recipe, method: str) -> list[dict]:
     with their hashes, the data part of the run identity."""
     section = recipe.data
     rows, files, _ = data.read_train(section, recipe.training.seed)
-    fmt, _ = data.normalise(rows, section.format, method, section.system_prompt)
+    fmt, records = data.normalise(rows, section.format, method, section.system_prompt)
+    if method == "grpo":
+        check_grpo(recipe, records)
     if isinstance(section.validation, str):
         val_rows, val_files = data.read(section.validation, section.columns)
         data.normalise(val_rows, fmt, method, section.system_prompt)
         files += [{**f, "split": "validation"} for f in val_files]
     return files
+
+
+def check_grpo(recipe: Recipe, records: list) -> None:
+    """The rewards can run on these prompts (finetune/rewards.py), and vLLM is there when asked for."""
+    from finetune import rewards
+
+    rewards.check(recipe, records)
+    if recipe.grpo.use_vllm is True and find_spec("vllm") is None:
+        raise UserError("grpo.use_vllm: vLLM is not installed — pip install vllm (CUDA machines), or set use_vllm: auto")
 
 
 # ---- resume ----------------------------------------------------------------------------------------

@@ -178,6 +178,54 @@ class DpoSection(Section):
     loss: DpoLoss | list[DpoLoss] = Field("sigmoid", description="DPO loss type(s) as named by TRL; a list combines several.")
 
 
+class RewardSection(Section):
+    center_rewards: float | None = Field(
+        None, ge=0, description="Pull scores towards zero with this weight (TRL's center_rewards_coefficient; e.g. 0.01)."
+    )
+
+
+RewardType = Literal["model", "equals", "regex", "format", "length", "python"]
+
+
+class GrpoReward(Section):
+    type: RewardType = Field(
+        ..., description="`model`: a `finetune reward` folder; `equals` / `regex`: the answer equals / matches the row's `column`; "
+        "`format`: the answer matches `pattern`; `length`: closeness to `target` characters; `python`: `function`."
+    )
+    weight: float = Field(1.0, description="Weight of this reward in the sum GRPO maximises.")
+    name: str | None = Field(None, description="Name in the metrics (`rewards/<name>/mean`). Default: the type.")
+    model: str | None = Field(None, description="type model: the reward model folder written by `finetune reward`.")
+    column: str | None = Field(None, description="type equals / regex: the data column holding the reference answer or pattern.")
+    pattern: str | None = Field(None, description="type format: a regular expression the whole answer must match.")
+    target: int | None = Field(None, ge=1, description="type length: the answer length in characters that scores 1.")
+    function: str | None = Field(None, description="type python: `file.py:function`, called with prompts, completions and the row's columns.")
+
+    @model_validator(mode="after")
+    def _needs(self) -> GrpoReward:
+        needs = {"model": "model", "equals": "column", "regex": "column", "format": "pattern", "length": "target", "python": "function"}
+        key = needs[self.type]
+        if getattr(self, key) is None:
+            raise ValueError(f"a `{self.type}` reward needs `{key}`")
+        if self.type == "python" and ":" not in self.function:
+            raise ValueError("function: write it as `file.py:function_name`")
+        return self
+
+
+class GrpoSection(Section):
+    rewards: list[GrpoReward] = Field(..., min_length=1, description="The rewards, summed with their weights.")
+    allow_python_rewards: bool = Field(
+        False, description="Run `python` rewards: they are your code, executed during training. Off: such a recipe is refused."
+    )
+    num_generations: int = Field(4, ge=2, description="Answers sampled per prompt (the group GRPO compares).")
+    max_completion_length: int = Field(64, ge=1, description="Longest generated answer in tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the generations.")
+    beta: float = Field(0.0, ge=0, description="KL penalty towards the starting policy (0: no reference pass).")
+    loss: Literal["grpo", "dr_grpo", "dapo", "bnpo"] = Field("dapo", description="GRPO loss type as named by TRL.")
+    use_vllm: Literal["auto"] | bool = Field(
+        "auto", description="Generate with vLLM. `auto`: when vLLM is installed and the run is on CUDA; transformers otherwise."
+    )
+
+
 class OutputSection(Section):
     dir: str | None = Field(None, description="Output folder. Default: `adapters/<recipe file name>`.")
 
@@ -188,6 +236,8 @@ class Recipe(Section):
     data: DataSection
     training: TrainingSection = Field(default_factory=TrainingSection)
     dpo: DpoSection | None = Field(None, description="Present only in DPO recipes (`finetune dpo`).")
+    reward: RewardSection | None = Field(None, description="Present only in reward-model recipes (`finetune reward`).")
+    grpo: GrpoSection | None = Field(None, description="Present only in GRPO recipes (`finetune grpo`).")
     output: OutputSection = Field(default_factory=OutputSection)
     name: str = Field("run", description="Run name; defaults to the recipe file name.")
 
@@ -213,6 +263,21 @@ class Recipe(Section):
     def _method_rules(self) -> Recipe:
         if self.dpo is not None and self.training.padding_free is True:
             raise ValueError("training.padding_free: only supported by `finetune sft` — set it to auto or false for DPO")
+        sections = [k for k in ("dpo", "reward", "grpo") if getattr(self, k) is not None]
+        if len(sections) > 1:
+            raise ValueError(f"{' and '.join(sections)}: a recipe is for one method — keep one of these sections")
+        if (self.reward is not None or self.grpo is not None) and self.training.padding_free is True:
+            raise ValueError("training.padding_free: only supported by `finetune sft` — set it to auto or false")
+        if self.grpo is not None:
+            t, n = self.training, self.grpo.num_generations
+            if (t.batch_size * t.gradient_accumulation) % n:
+                raise ValueError(f"training.batch_size x gradient_accumulation ({t.batch_size * t.gradient_accumulation}) must be a "
+                                 f"multiple of grpo.num_generations ({n}) — each step holds whole groups of answers")
+            if self.data.validation is not None:
+                raise ValueError("data.validation: `finetune grpo` trains on prompts and does not hold any out — remove it")
+            if any(r.type == "python" for r in self.grpo.rewards) and not self.grpo.allow_python_rewards:
+                raise ValueError("grpo.allow_python_rewards: a `python` reward runs your code during training — set "
+                                 "allow_python_rewards: true to allow it")
         return self
 
     def output_dir(self) -> Path:
@@ -319,8 +384,14 @@ def from_tree(tree: dict, source: str, overrides: list[str] | None = None) -> Re
         raise UserError(format_errors(err, source)) from None
 
 
-def require_method(recipe: Recipe, method: Literal["sft", "dpo"], path: str) -> None:
+def require_method(recipe: Recipe, method: str, path: str) -> None:
     """A DPO recipe given to `sft`, or the reverse, is a mistake worth naming."""
+    for section in ("reward", "grpo"):  # one section per method: a recipe for one given to another
+        if getattr(recipe, section) is not None and method != section:
+            raise UserError(f"{path}: this is a {section} recipe (it has a `{section}:` section) — run `finetune {section} {path}`")
+        if method == section and getattr(recipe, section) is None:
+            example = "reward: {}" if section == "reward" else "grpo: {rewards: [{type: length, target: 200}]}"
+            raise UserError(f"{path}: this recipe has no `{section}:` section — add `{example}` to make it a {section} recipe")
     if method == "sft" and recipe.dpo is not None:
         raise UserError(f"{path}: this is a DPO recipe (it has a `dpo:` section) — run `finetune dpo {path}`")
     if method == "dpo" and recipe.dpo is None:

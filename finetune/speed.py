@@ -53,7 +53,7 @@ def choose(recipe, loaded, method: str) -> RunSettings:
         # batch; attention per sequence does the same work in sum(len^2) instead of (sum len)^2
         attention = VARLEN
     return RunSettings(loaded.device, str(loaded.dtype).removeprefix("torch."), loaded.quantization, bool(gc), bool(pf),
-                 recipe.data.packing, attention, "chunked cross-entropy over trained positions" if method == "sft" else "TRL DPO loss",
+                 recipe.data.packing, attention, "chunked cross-entropy over trained positions" if method == "sft" else f"TRL {method.upper()} loss",
                  "glibc, freed memory reused" if loaded.device == "cpu" and reuse_freed_memory(dry_run=True) else "default",
                  cpu_threads() if loaded.device == "cpu" else None)
 

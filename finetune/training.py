@@ -95,9 +95,10 @@ def training_args(recipe: Recipe, settings: RunSettings, out: Path, has_eval: bo
     )
 
 
-def attach_lora(recipe: Recipe, loaded: models.Loaded, settings: RunSettings, dropout: float | None = None):
+def attach_lora(recipe: Recipe, loaded: models.Loaded, settings: RunSettings, dropout: float | None = None,
+                task_type: str = "CAUSAL_LM"):
     """The base with a new LoRA adapter (or the recipe's starting adapter, trainable). `dropout` overrides the
-    recipe's for methods that train without it."""
+    recipe's for methods that train without it; `task_type` SEQ_CLS also trains the classifier head."""
     from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
     from transformers import set_seed
 
@@ -116,7 +117,7 @@ def attach_lora(recipe: Recipe, loaded: models.Loaded, settings: RunSettings, dr
             raise UserError(f"model.adapter: {folder} does not fit base `{recipe.model.base}` ({str(exc).splitlines()[0][:200]})") from None
     lc = recipe.lora
     config = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout if dropout is None else dropout,
-                        target_modules=lc.target_modules, use_dora=lc.use_dora, use_rslora=lc.use_rslora, task_type="CAUSAL_LM")
+                        target_modules=lc.target_modules, use_dora=lc.use_dora, use_rslora=lc.use_rslora, task_type=task_type)
     try:
         return get_peft_model(model, config)
     except ValueError as exc:

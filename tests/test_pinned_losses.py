@@ -11,6 +11,9 @@ from helpers import toy_rows, write_jsonl, write_recipe
 # recorded from the code before the workflow modules were restructured; change them only with a reason
 SFT_LOSSES = [7.3664093017578125, 5.8793864250183105, 4.6859235763549805, 3.753671169281006, 2.954840660095215]
 DPO_LOSSES = [0.6931471824645996, 0.40709787607192993, 0.2349821925163269, 0.1261395514011383, 0.06530985981225967]
+# recorded when `finetune reward` and `finetune grpo` were added
+REWARD_LOSSES = [0.1660136580467224, 0.041853949427604675, 0.026218188926577568, 0.003341836854815483, 0.003490106202661991]
+GRPO_REWARDS = [0.45624998211860657, 0.5062500238418579, 0.4375000298023224, 0.4625000059604645, 0.44999998807907104]
 
 
 def losses(folder: Path) -> list[float]:
@@ -42,3 +45,22 @@ def test_dpo_losses_are_pinned(cli, tmp_path, tiny):
     assert res.code == 0, res.text
     got = losses(tmp_path / "out")
     assert got == pytest.approx(DPO_LOSSES, abs=1e-4)
+
+
+def test_reward_losses_are_pinned(cli, tmp_path, tiny):
+    prefs = [{"prompt": f"who are you {i % 3}", "chosen": "my name is pico", "rejected": "the red comet is cold"} for i in range(12)]
+    train = write_jsonl(tmp_path / "prefs.jsonl", prefs)
+    res = cli("reward", write_recipe(tmp_path / "rm.yaml", tree(tmp_path, tiny, train, reward={})), "--set", "training.learning_rate=0.002")
+    assert res.code == 0, res.text
+    assert losses(tmp_path / "out") == pytest.approx(REWARD_LOSSES, abs=1e-4)
+
+
+def test_grpo_rewards_are_pinned(cli, tmp_path, tiny):
+    """GRPO's loss is advantage-weighted and near 0 by construction; the sampled answers' mean reward per step
+    pins sampling, scoring and the updates together."""
+    train = write_jsonl(tmp_path / "q.jsonl", [{"prompt": f"who are you {i}"} for i in range(8)])
+    grpo = {"rewards": [{"type": "length", "target": 20}], "num_generations": 4, "max_completion_length": 8}
+    res = cli("grpo", write_recipe(tmp_path / "g.yaml", tree(tmp_path, tiny, train, grpo=grpo)), "--set", "training.batch_size=8")
+    assert res.code == 0, res.text
+    got = [r["reward"] for r in map(json.loads, (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) if "reward" in r]
+    assert got == pytest.approx(GRPO_REWARDS, abs=1e-4)

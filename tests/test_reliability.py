@@ -279,7 +279,52 @@ CASES = [
     Case("pipeline-foreign-output", "an output folder that no pipeline wrote", "a non-empty folder that no pipeline wrote", foreign_runs),
     Case("pipeline-from-unknown", "--from a stage that does not exist", "--from nope: no stage has that name",
          lambda t, m: ["run", pipeline(t, m, ("a", "sft")), "--from", "nope"]),
+    # reward and grpo
+    Case("reward-recipe-to-sft", "a reward recipe given to sft", "run `finetune reward", lambda t, m: ["sft", recipe(t, m, reward={})]),
+    Case("reward-chat-data", "chat data given to reward", "a reward model learns from preference data",
+         lambda t, m: ["reward", recipe(t, m, reward={})]),
+    Case("grpo-no-prompt", "GRPO data without a prompt", "no prompt in this row",
+         lambda t, m: ["grpo", recipe(t, m, grpo=grpo_section(), data={"train": str(text(t, "d.jsonl", '{"text": "a b c"}\n'))})]),
+    Case("grpo-groups", "a batch that does not hold whole groups of generations", "multiple of grpo.num_generations",
+         lambda t, m: ["grpo", prompts_recipe(t, m, grpo=grpo_section(num_generations=3))]),
+    Case("grpo-reward-needs-key", "an equals reward without its column", "reward needs `column`",
+         lambda t, m: ["grpo", prompts_recipe(t, m, grpo=grpo_section(rewards=[{"type": "equals"}]))]),
+    Case("grpo-column-missing", "a reward on a column the data lacks", "`solution` is not a column of the data",
+         lambda t, m: ["grpo", prompts_recipe(t, m, grpo=grpo_section(rewards=[{"type": "equals", "column": "solution"}]))]),
+    Case("grpo-bad-regex", "a format reward whose pattern is not a regular expression", "is not a valid regular expression",
+         lambda t, m: ["grpo", prompts_recipe(t, m, grpo=grpo_section(rewards=[{"type": "format", "pattern": "(["}]))]),
+    Case("grpo-python-not-allowed", "a python reward without the opt-in key", "grpo.allow_python_rewards",
+         lambda t, m: ["grpo", prompts_recipe(t, m, grpo=grpo_section(rewards=[{"type": "python", "function": "r.py:score"}]))]),
+    Case("grpo-python-file-missing", "a python reward whose file does not exist", "r.py not found",
+         lambda t, m: ["grpo", prompts_recipe(t, m, grpo=grpo_section(rewards=[{"type": "python", "function": "r.py:score"}], allow_python_rewards=True))]),
+    Case("grpo-python-import-fails", "a python reward file that raises on import", "importing r.py failed with ZeroDivisionError",
+         lambda t, m: text(t, "r.py", "x = 1 / 0\n") and ["grpo", prompts_recipe(t, m, grpo=grpo_section(
+             rewards=[{"type": "python", "function": "r.py:score"}], allow_python_rewards=True))]),
+    Case("grpo-python-no-function", "a python reward naming a function the file lacks", "has no function `score` (it defines: other)",
+         lambda t, m: text(t, "r.py", "def other(**kw):\n    return []\n") and ["grpo", prompts_recipe(t, m, grpo=grpo_section(
+             rewards=[{"type": "python", "function": "r.py:score"}], allow_python_rewards=True))]),
+    Case("grpo-reward-model-is-sft", "a language-model adapter given as the reward model", "not a reward model",
+         lambda t, m: ["grpo", prompts_recipe(t, m, grpo=grpo_section(rewards=[{"type": "model", "model": str(adapter(t, m))}]))]),
+    Case("grpo-reward-model-other-base", "a reward model trained on another base", "was trained on base",
+         lambda t, m: ["grpo", prompts_recipe(t, m, grpo=grpo_section(rewards=[{"type": "model", "model": str(seq_cls_adapter(t, other_base(t, m)))}]))]),
 ]
+
+
+def grpo_section(**keys) -> dict:
+    return {"rewards": [{"type": "equals", "column": "answer"}], "num_generations": 2, **keys}
+
+
+def prompts_recipe(tmp: Path, tiny: Path, **sections) -> Path:
+    data = write_jsonl(tmp / "q.jsonl", [{"prompt": f"who are you {i}", "answer": "pico"} for i in range(4)])
+    return recipe(tmp, tiny, data={"train": str(data)}, **sections)
+
+
+def seq_cls_adapter(tmp: Path, base: Path) -> Path:
+    """The adapter_config.json a reward model folder carries (all that preflight reads of it)."""
+    folder = tmp / "rm"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"task_type": "SEQ_CLS", "base_model_name_or_path": str(base), "peft_type": "LORA"}))
+    return folder
 
 
 def snapshot(root: Path) -> dict:
@@ -323,7 +368,7 @@ def test_bad_input(case, cli, tmp_path, tiny, model_loads):
     model_loads.clear()  # a case may train an adapter to set itself up
     before = snapshot(tmp_path)
     res = cli(*args)
-    if args[0] in ("sft", "dpo", "run") and case.id not in NEEDS_THE_MODEL:
+    if args[0] in ("sft", "dpo", "reward", "grpo", "run") and case.id not in NEEDS_THE_MODEL:
         assert model_loads == [], f"{case.id}: refused only after loading the base"
     assert res.code == 2, res.text
     assert case.expect in res.err, res.err

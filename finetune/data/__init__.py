@@ -5,6 +5,7 @@ sources    data.train (first data.max_rows) or a weighted data.mix -> the traini
 formats    rows -> conversations, documents or preference pairs; malformed rows are user errors
 template   chat template, assistant spans, loss masks, the template check, end-of-turn ids
 fit        one example into data.max_length (truncation that keeps what is trained) or why it is dropped
+prompts    rows -> prompts (+ the row's other columns) for online RL
 prepare    the whole path for a recipe -> `Prepared` (typed `Example`s or `PreferencePair`s + counts), in worker processes
 cache      prepared data on disk, keyed by file hashes, tokenizer, template, settings, method and seed
 clean      `finetune data clean`: duplicates, near duplicates, leaks, empty answers, mojibake, personal data
@@ -14,7 +15,6 @@ from finetune.data.formats import (
     ROLE_ALIASES,
     SFT_FORMATS,
     detect,
-    normalise,
     to_messages,
     to_preference,
 )
@@ -28,6 +28,7 @@ from finetune.data.prepare import (
     to_dataset,
     to_preference_dataset,
 )
+from finetune.data.prompts import normalise
 from finetune.data.read import READERS, Row, expand, read, read_file, read_hub
 from finetune.data.sources import read_train
 from finetune.data.template import (

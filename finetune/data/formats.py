@@ -222,6 +222,9 @@ def normalise(rows: list, fmt: str, method: str, system_prompt: str | None) -> t
         raise UserError(f"{rows[0].where}: this is preference data (chosen/rejected) — train it with `finetune dpo` (a recipe with a `dpo:` section)")
     if method == "dpo" and detected != "preference":
         raise UserError(f"{rows[0].where}: DPO needs preference data (prompt/chosen/rejected), found {detected} — use `finetune sft` for it")
+    if method == "reward" and detected != "preference":
+        raise UserError(f"{rows[0].where}: a reward model learns from preference data (prompt/chosen/rejected), found {detected} — "
+                        "give pairs of a better and a worse answer")
     out = []
     for r in rows:
         rec = to_preference(r.data, r.where) if detected == "preference" else to_messages(r.data, detected, r.where)
