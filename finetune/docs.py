@@ -9,7 +9,8 @@ from pathlib import Path
 from finetune import recipe as r
 
 SECTIONS = [("model", r.ModelSection), ("lora", r.LoraSection), ("data", r.DataSection),
-            ("training", r.TrainingSection), ("dpo", r.DpoSection), ("output", r.OutputSection)]
+            ("training", r.TrainingSection), ("dpo", r.DpoSection),
+            ("kto", r.KtoSection), ("orpo", r.OrpoSection), ("output", r.OutputSection)]
 BEGIN, END = "<!-- recipe-reference:begin -->", "<!-- recipe-reference:end -->"
 
 

@@ -76,8 +76,9 @@ class DataSection(Section):
         ..., description="Training data: a file (.jsonl .json .csv .parquet .txt), a folder of such files, a list of them, or a hub dataset id."
     )
     format: Literal[
-        "auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference"
-    ] = Field("auto", description="Record format. `auto` detects it from the fields and prints what it found.")
+        "auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference", "unpaired"
+    ] = Field("auto", description="Record format. `auto` detects it from the fields and prints what it found. "
+              "`unpaired` (KTO): prompt/completion or messages with a true/false `label` (or `kto_tag`).")
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="Rename unusual fields to the expected ones, e.g. `{question: prompt, answer: completion}`.",
@@ -146,6 +147,20 @@ class DpoSection(Section):
     loss: DpoLoss | list[DpoLoss] = Field("sigmoid", description="DPO loss type(s) as named by TRL; a list combines several.")
 
 
+class KtoSection(Section):
+    beta: float = Field(0.1, gt=0, description="Strength of the KL penalty towards the reference model.")
+    loss: Literal["kto", "apo_zero_unpaired"] = Field("kto", description="KTO loss as named by TRL.")
+    desirable_weight: float | None = Field(
+        None, gt=0, description="Weight of desirable (label true) examples. Unset with `undesirable_weight` unset: chosen from "
+        "the label counts so that desirable_weight·n_desirable / (undesirable_weight·n_undesirable) is within [1, 4/3] (KTO paper).")
+    undesirable_weight: float | None = Field(
+        None, gt=0, description="Weight of undesirable (label false) examples. Unset: see `desirable_weight`; 1 if only the other is set.")
+
+
+class OrpoSection(Section):
+    beta: float = Field(0.1, gt=0, description="Weight λ of the odds-ratio term added to the chosen answers' NLL.")
+
+
 class OutputSection(Section):
     dir: str | None = Field(None, description="Output folder. Default: `adapters/<recipe file name>`.")
 
@@ -156,6 +171,8 @@ class Recipe(Section):
     data: DataSection
     training: TrainingSection = Field(default_factory=TrainingSection)
     dpo: DpoSection | None = Field(None, description="Present only in DPO recipes (`finetune dpo`).")
+    kto: KtoSection | None = Field(None, description="Present only in KTO recipes (`finetune kto`).")
+    orpo: OrpoSection | None = Field(None, description="Present only in ORPO recipes (`finetune orpo`).")
     output: OutputSection = Field(default_factory=OutputSection)
     name: str = Field("run", description="Run name; defaults to the recipe file name.")
 
@@ -174,6 +191,19 @@ class Recipe(Section):
     def _method_rules(self) -> Recipe:
         if self.dpo is not None and self.training.padding_free is True:
             raise ValueError("training.padding_free: only supported by `finetune sft` — set it to auto or false for DPO")
+        return self
+
+    @model_validator(mode="after")
+    def _kto_orpo_rules(self) -> Recipe:
+        methods = [m for m in ("dpo", "kto", "orpo") if getattr(self, m) is not None]
+        if len(methods) > 1:
+            raise ValueError(f"a recipe has one method section, this one has {' and '.join(f'`{m}:`' for m in methods)} — keep the "
+                             "one for the command you run")
+        if methods in (["kto"], ["orpo"]) and self.training.padding_free is True:
+            raise ValueError(f"training.padding_free: only supported by `finetune sft` — set it to auto or false for {methods[0].upper()}")
+        if self.kto is not None and self.kto.loss == "kto" and self.training.batch_size < 2:
+            raise ValueError("training.batch_size: KTO estimates its KL term from the other answers in the batch, so it needs at "
+                             "least 2 — raise it (use gradient_accumulation to save memory), or set kto.loss: apo_zero_unpaired")
         return self
 
     def output_dir(self) -> Path:
@@ -269,12 +299,20 @@ def load(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     return recipe
 
 
-def require_method(recipe: Recipe, method: Literal["sft", "dpo"], path: str) -> None:
-    """A DPO recipe given to `sft`, or the reverse, is a mistake worth naming."""
+def require_method(recipe: Recipe, method: str, path: str) -> None:
+    """A recipe given to the wrong training command is a mistake worth naming."""
     if method == "sft" and recipe.dpo is not None:
         raise UserError(f"{path}: this is a DPO recipe (it has a `dpo:` section) — run `finetune dpo {path}`")
-    if method == "dpo" and recipe.dpo is None:
+    if method == "dpo" and recipe.dpo is None and recipe.kto is None and recipe.orpo is None:
         raise UserError(
             f"{path}: this recipe has no `dpo:` section, so it is an SFT recipe — run `finetune sft {path}`, "
             "or add `dpo: {beta: 0.1}` to make it a DPO recipe"
         )
+    # KTO and ORPO recipes are named by their sections in the same way
+    own = {"dpo": recipe.dpo, "kto": recipe.kto, "orpo": recipe.orpo}
+    other = next((m for m, s in own.items() if s is not None and m != method), None)
+    if other and method in ("sft", "dpo", "kto", "orpo"):
+        raise UserError(f"{path}: this is a {other.upper()} recipe (it has a `{other}:` section) — run `finetune {other} {path}`")
+    if method in ("kto", "orpo") and own[method] is None:
+        raise UserError(f"{path}: this recipe has no `{method}:` section, so it is an SFT recipe — run `finetune sft {path}`, "
+                        f"or add `{method}: {{beta: 0.1}}` to make it a {method.upper()} recipe")

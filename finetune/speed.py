@@ -17,6 +17,10 @@ VARLEN = "finetune_varlen_sdpa"
 CHUNK = 512  # positions per chunk of the output head: 512 x 49k vocabulary x fp32 = 100 MB
 
 
+# methods whose CPU steps are faster with gradient checkpointing on (see choose)
+CPU_RECOMPUTE = ("dpo", "orpo")
+
+
 @dataclass
 class RunSettings:
     """How this run executes: where and in which dtype (from the loaded base), and the speed switches chosen
@@ -43,7 +47,7 @@ def choose(recipe, loaded, method: str) -> RunSettings:
         # recomputation costs ~30 % speed; worth it where activations don't fit: big models on GPUs. DPO on a
         # CPU is the exception: its full-vocabulary logits for chosen and rejected make each step allocate GBs,
         # and recomputing measured faster than keeping them (4.4 s vs 4.8 s a step, 37 % less memory; bench/)
-        gc = (loaded.device == "cuda" and n_params >= 1e9) or (loaded.device == "cpu" and method == "dpo")
+        gc = (loaded.device == "cuda" and n_params >= 1e9) or (loaded.device == "cpu" and method in CPU_RECOMPUTE)
     pf = t.padding_free
     if pf == "auto":
         # flattening the batch removes padding work; on CUDA it pays with a varlen (flash) kernel, on CPU with ours
@@ -55,7 +59,7 @@ def choose(recipe, loaded, method: str) -> RunSettings:
         # batch; attention per sequence does the same work in sum(len^2) instead of (sum len)^2
         attention = VARLEN
     return RunSettings(loaded.device, str(loaded.dtype).removeprefix("torch."), loaded.quantization, bool(gc), bool(pf),
-                 recipe.data.packing, attention, "chunked cross-entropy over trained positions" if method == "sft" else "TRL DPO loss",
+                 recipe.data.packing, attention, "chunked cross-entropy over trained positions" if method == "sft" else f"TRL {method.upper()} loss",
                  "glibc, freed memory reused" if loaded.device == "cpu" and reuse_freed_memory(dry_run=True) else "default")
 
 

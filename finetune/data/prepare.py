@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar, overload
 
-from finetune.data import cache, fit, formats, template
+from finetune.data import cache, fit, formats, template, unpaired
 from finetune.data.read import read as read_rows
 from finetune.errors import UserError
 from finetune.recipe import DataSection
@@ -48,7 +48,7 @@ class PreferencePair:
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
 
 
-E = TypeVar("E", Example, PreferencePair)
+E = TypeVar("E", Example, PreferencePair, unpaired.UnpairedExample)
 
 
 @dataclass
@@ -149,13 +149,27 @@ def tokenize_preference(tokenizer, records: list[tuple[dict, str]], section: Dat
     return pairs
 
 
+def tokenize_unpaired(tokenizer, records: list[tuple[dict, str]], section: DataSection, tally: Tally,
+                      check: bool) -> list[unpaired.UnpairedExample]:
+    examples = []
+    for rec, where in records:
+        got = unpaired.fit_unpaired(tokenizer, rec, section.max_length, section.truncation, where)
+        if isinstance(got, fit.Dropped):
+            tally.drop(got, where)
+            continue
+        prompt, completion, (p, c), how = got
+        tally.cut(how)
+        examples.append(unpaired.UnpairedExample(prompt, completion, rec["label"], where, p, c, bool(how)))
+    return examples
+
+
 @overload
 def prepare(section: DataSection, tokenizer, method: Literal["sft"], seed: int, log: Callable[[str], None] = ...) -> Prepared[Example]: ...
 @overload
 def prepare(section: DataSection, tokenizer, method: Literal["dpo"], seed: int, log: Callable[[str], None] = ...) -> Prepared[PreferencePair]: ...
 def prepare(section: DataSection, tokenizer, method: str, seed: int, log: Callable[[str], None] = print) -> Prepared:
     digest = cache.key(section, tokenizer, method, seed)
-    hit = cache.load(digest, {"sft": Example, "preference": PreferencePair}) if digest else None
+    hit = cache.load(digest, {"sft": Example, "preference": PreferencePair, "unpaired": unpaired.UnpairedExample}) if digest else None
     if hit is not None:
         template.ensure_chat_template(tokenizer)  # the trainer and the saved adapter need it, as on a miss
         meta, train_examples, val_examples = hit
@@ -166,7 +180,7 @@ def prepare(section: DataSection, tokenizer, method: str, seed: int, log: Callab
     prepared = _prepare(section, tokenizer, method, seed, log)
     if digest:
         summary = {k: v for k, v in prepared.__dict__.items() if k not in ("train", "validation", "cache")}
-        kind = "preference" if prepared.format == "preference" else "sft"
+        kind = "unpaired" if method == "kto" else "preference" if prepared.format == "preference" else "sft"
         prepared.cache = "miss" if cache.store(digest, {"kind": kind, "prepared": summary}, prepared.train, prepared.validation) else "off"
     return prepared
 
@@ -181,14 +195,14 @@ def _prepare(section: DataSection, tokenizer, method: str, seed: int, log: Calla
     else:
         val_rows = []
     fmt, records = formats.normalise(rows, section.format, method, section.system_prompt)
-    _, val_records = formats.normalise(val_rows, fmt, method, section.system_prompt) if val_rows else (fmt, [])
+    _, val_records = formats.normalise(val_rows, fmt, method, section.system_prompt, training=False) if val_rows else (fmt, [])
     added = template.ensure_chat_template(tokenizer)
     prepared: Prepared = Prepared(format=fmt, files=files, rows=len(rows) + len(val_rows), train=[], validation=[])
     how = "set by data.format" if section.format != "auto" else "detected"
     prepared.notes.append(f"format: {fmt} ({how}); {len(records)} training rows, {len(val_records)} validation rows")
     if added:
         prepared.notes.append("the tokenizer has no chat template: using the default ChatML template (saved with the adapter)")
-    tokenize = tokenize_preference if fmt == "preference" else tokenize_sft
+    tokenize = tokenize_unpaired if method == "kto" else tokenize_preference if fmt == "preference" else tokenize_sft
     train, val = Tally(rows=len(records)), Tally(rows=len(val_records))
     prepared.train = tokenize(tokenizer, records, section, train, True)
     prepared.validation = tokenize(tokenizer, val_records, section, val, False) if val_records else []
@@ -231,3 +245,11 @@ def to_preference_dataset(pairs: list[PreferencePair]):
 
     return datasets.Dataset.from_dict({"prompt": [p.prompt for p in pairs], "chosen": [p.chosen for p in pairs],
                                        "rejected": [p.rejected for p in pairs]})
+
+
+def to_unpaired_dataset(examples: list[unpaired.UnpairedExample]):
+    """The strings and labels TRL's KTOTrainer tokenizes; they already fit data.max_length."""
+    import datasets
+
+    return datasets.Dataset.from_dict({"prompt": [e.prompt for e in examples], "completion": [e.completion for e in examples],
+                                       "label": [e.label for e in examples]})
