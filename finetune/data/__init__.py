@@ -14,7 +14,6 @@ from finetune.data.formats import (
     ROLE_ALIASES,
     SFT_FORMATS,
     detect,
-    normalise,
     to_messages,
     to_preference,
 )
@@ -23,6 +22,7 @@ from finetune.data.prepare import (
     PreferencePair,
     Prepared,
     describe_dropped,
+    normalise,
     prepare,
     split_validation,
     to_dataset,

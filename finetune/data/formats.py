@@ -216,14 +216,9 @@ def to_preference(d: dict, where: str) -> dict:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
-def normalise(rows: list, fmt: str, method: str, system_prompt: str | None,
-              training: bool = True) -> tuple[str, list[tuple[dict, str]]]:
+def normalise(rows: list, fmt: str, method: str, system_prompt: str | None) -> tuple[str, list[tuple[dict, str]]]:
     """Rows -> (format, [(record, where)]) in the internal form; data.system_prompt added where none is.
-    `training`: these are the training rows (KTO checks that both labels occur in them)."""
-    if method == "kto":  # labelled single answers (finetune/data/unpaired.py)
-        from finetune.data import unpaired
-
-        return unpaired.normalise(rows, fmt, system_prompt, training)
+    (KTO's labelled answers are read by finetune/data/unpaired.py; `data.normalise` picks the reader.)"""
     if fmt == "unpaired":
         raise UserError(f"data.format: unpaired (labelled single answers) is read by `finetune kto` only — use another format for {method}")
     detected = fmt if fmt != "auto" else detect(rows[0].data, rows[0].where)

@@ -120,6 +120,15 @@ def split_validation(rows: list, fraction: float, seed: int) -> tuple[list, list
     return [r for i, r in enumerate(rows) if i not in val], [r for i, r in enumerate(rows) if i in val]
 
 
+def normalise(rows: list, fmt: str, method: str, system_prompt: str | None, training: bool = True) -> tuple[str, list[tuple[dict, str]]]:
+    """Rows -> (format, [(record, where)]) through the method's reader: labelled single answers for KTO
+    (unpaired.py), conversations, documents or preference pairs otherwise (formats.py). `training`: these are the
+    training rows (KTO checks that both labels occur in them)."""
+    if method == "kto":
+        return unpaired.normalise(rows, fmt, system_prompt, training)
+    return formats.normalise(rows, fmt, method, system_prompt)
+
+
 def tokenize_sft(tokenizer, records: list[tuple[dict, str]], section: DataSection, tally: Tally, check: bool) -> list[Example]:
     examples = []
     for i, (rec, where) in enumerate(records):
@@ -194,8 +203,8 @@ def _prepare(section: DataSection, tokenizer, method: str, seed: int, log: Calla
         rows, val_rows = split_validation(rows, section.validation, seed)
     else:
         val_rows = []
-    fmt, records = formats.normalise(rows, section.format, method, section.system_prompt)
-    _, val_records = formats.normalise(val_rows, fmt, method, section.system_prompt, training=False) if val_rows else (fmt, [])
+    fmt, records = normalise(rows, section.format, method, section.system_prompt)
+    _, val_records = normalise(val_rows, fmt, method, section.system_prompt, training=False) if val_rows else (fmt, [])
     added = template.ensure_chat_template(tokenizer)
     prepared: Prepared = Prepared(format=fmt, files=files, rows=len(rows) + len(val_rows), train=[], validation=[])
     how = "set by data.format" if section.format != "auto" else "detected"
