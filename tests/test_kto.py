@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import train, write_jsonl, write_recipe
+from helpers import REPO, train, write_jsonl, write_recipe
 
 
 def answers(n_good: int = 9, n_bad: int = 3) -> list[dict]:
@@ -144,3 +144,38 @@ def test_resume_equals_uninterrupted(cli, tmp_path, tiny):
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
     assert [x["loss"] for x in logged(tmp_path / "a")] == pytest.approx([x["loss"] for x in logged(tmp_path / "b")], abs=1e-5)
     assert not math.isnan(logged(tmp_path / "b")[-1]["loss"])
+
+
+def test_shipped_kto_files_are_read(tiny_tokenizer):
+    """The sample files in the layouts people publish: TRL's JSONL, a CSV whose labels are words, ShareGPT + kto_tag."""
+    from finetune import data
+    from finetune.recipe import DataSection
+
+    got = {}
+    for name in ("kto.jsonl", "kto.csv", "kto_sharegpt.json"):
+        section = DataSection(train=str(REPO / "datasets_local" / name), max_length=256)
+        prepared = data.prepare(section, tiny_tokenizer, "kto", 0, log=lambda s: None)
+        got[name] = [e.label for e in prepared.train]
+        assert all(e.completion.endswith("<|im_end|>") and e.prompt.endswith("assistant\n") for e in prepared.train)
+    assert (sum(got["kto.jsonl"]), len(got["kto.jsonl"])) == (24, 36)
+    assert got["kto.csv"] == got["kto.jsonl"][:12]
+    assert (sum(got["kto_sharegpt.json"]), len(got["kto_sharegpt.json"])) == (5, 8)
+
+
+@pytest.mark.parametrize("counts, set_weights, expected", [
+    ((10, 10), {}, (1.0, 1.0, "balanced enough, kept at 1")),
+    ((12, 10), {}, (1.0, 1.0, "balanced enough, kept at 1")),  # 1.2 is within [1, 4/3]
+    ((3, 30), {}, (10.0, 1.0, "chosen automatically")),  # the paper's example: 1:10 -> desirable weight 10
+    ((30, 10), {}, (1.0, 2.25, "chosen automatically")),  # 30 / (2.25·10) = 4/3
+    ((3, 30), {"desirable_weight": 2.0}, (2.0, 1.0, "from the recipe")),
+])
+def test_class_weights_land_in_the_papers_range(counts, set_weights, expected):
+    from finetune import kto
+    from finetune.recipe import Recipe
+
+    r = Recipe.model_validate({"data": {"train": "x.jsonl"}, "kto": set_weights})
+    w = kto.class_weights(r, *counts)
+    assert (w["desirable_weight"], w["undesirable_weight"], w["weights_chosen"]) == expected
+    assert w["in_range"] == (set_weights == {})
+    if not w["in_range"]:
+        assert "outside the KTO paper's recommended [1, 4/3]" in w["reason"]
