@@ -84,7 +84,8 @@ def test_first_step_loss_is_kto_definition_with_chosen_class_weights(tmp_path, t
 
 @pytest.mark.parametrize("quant", ["none", "4bit"])
 def test_kto_trains_the_adapter_towards_desirable_answers(cli, tmp_path, tiny, quant):
-    res = cli("kto", kto_recipe(tmp_path, tiny, quant=quant, max_steps=6))
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", answers(2, 2))
+    res = cli("kto", kto_recipe(tmp_path, tiny, quant=quant, max_steps=6), "--set", f"data.validation={held_out}")
     assert res.code == 0, res.text
     assert "class weights (chosen automatically): 9 desirable / 3 undesirable" in res.err
     out = tmp_path / "kto"
@@ -95,6 +96,7 @@ def test_kto_trains_the_adapter_towards_desirable_answers(cli, tmp_path, tiny, q
     assert "rewards/chosen" in rows[-1] and "kl" in rows[-1]
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["method"] == "kto" and manifest["quantization"] == quant and manifest["speed"]["loss"] == "TRL KTO loss"
+    assert manifest["final_metrics"]["eval_loss"] > 0 and "eval_kl" in manifest["final_metrics"]  # TRL's KTO evaluation ran
 
 
 def test_messages_with_kto_tag_and_split_pairs_are_read(tmp_path, tiny, tiny_tokenizer):

@@ -2,6 +2,7 @@
 adapter changes (also on a 4-bit base) towards the chosen answers, resume equals an uninterrupted run."""
 
 import json
+import math
 import os
 import signal
 from pathlib import Path
@@ -67,7 +68,7 @@ def test_first_step_loss_is_orpo_definition(tmp_path, tiny):
 
 @pytest.mark.parametrize("quant", ["none", "4bit"])
 def test_orpo_trains_the_adapter_towards_chosen(cli, tmp_path, tiny, quant):
-    res = cli("orpo", orpo_recipe(tmp_path, tiny, quant=quant, max_steps=6))
+    res = cli("orpo", orpo_recipe(tmp_path, tiny, quant=quant, max_steps=6), "--set", "data.validation=0.25")
     assert res.code == 0, res.text
     out = tmp_path / "orpo"
     lora = load_file(str(out / "adapter_model.safetensors"))
@@ -77,6 +78,8 @@ def test_orpo_trains_the_adapter_towards_chosen(cli, tmp_path, tiny, quant):
     assert rows[-1]["log_odds_chosen"] > rows[0]["log_odds_chosen"]  # the chosen answer gained on the rejected one
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["method"] == "orpo" and manifest["quantization"] == quant and manifest["speed"]["loss"] == "TRL ORPO loss"
+    final = manifest["final_metrics"]  # TRL's ORPO evaluation on the held-out quarter, with its NLL as a perplexity
+    assert final["eval_perplexity"] == pytest.approx(math.exp(final["eval_nll_loss"]), rel=1e-6)
 
 
 def test_orpo_adapter_loads_with_plain_peft(cli, tmp_path, tiny):

@@ -8,7 +8,8 @@ Layouts read (each row -> `{"prompt": [msgs], "completion": [msgs], "label": boo
 - preference pairs (`chosen` / `rejected`, any layout DPO reads), each split into a desirable and an
   undesirable row, as TRL's KTOTrainer does with paired data.
 
-A label is boolean-ish: true/false, 1/0, or the words true/false, yes/no, 1/0 (CSV cells are text). Fitting one
+A label is boolean-ish: true/false, 1/0, or the words true/false, yes/no, 1/0 (CSV cells are text); anything else
+is a user error naming the row's file and line. Fitting one
 such example into data.max_length follows the preference pairs' rules (finetune/data/fit.py).
 """
 
@@ -50,7 +51,7 @@ def label_of(d: dict, where: str) -> bool:
     value = d[key]
     if isinstance(value, bool):
         return value
-    if isinstance(value, int) and value in (0, 1):
+    if isinstance(value, (int, float)) and value in (0, 1):  # 1.0 / 0.0 where a table stored numbers
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
         return value.strip().lower() in TRUE_WORDS
