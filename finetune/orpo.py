@@ -49,6 +49,10 @@ class Built:
 
 def build(recipe: Recipe, out: Path, callbacks: Sequence = ()) -> Built:
     """Load the base, render the pairs, attach LoRA and make the trainer (checkpoints go to `out`)."""
+    import os
+
+    # TRL warns on every import from trl.experimental; the README says where ORPO lives and what that means
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from trl.experimental.orpo import ORPOConfig
 
     loaded = models.load(recipe.model, log=console.print)
@@ -70,6 +74,11 @@ def build(recipe: Recipe, out: Path, callbacks: Sequence = ()) -> Built:
         remove_unused_columns=False,  # its collator needs the prompt/chosen/rejected columns
         dataset_num_proc=None,
     )
+    if not os.environ.get("FINETUNE_DEBUG"):
+        import datasets
+
+        # ORPOTrainer maps the data with a bound method datasets cannot hash: a one-off notice, not a problem
+        datasets.utils.logging.set_verbosity_error()
     trainer = make_trainer_class()(
         model=model,
         args=args,
