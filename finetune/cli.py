@@ -175,6 +175,32 @@ def grpo(
 
 
 @app.command()
+def kto(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML with a `kto:` section.")],
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    num_processes: ProcessesOpt = None,
+    accelerate_config: AccelerateOpt = None,
+) -> None:
+    """Preference tuning from answers labelled good or bad (KTO) through TRL's KTOTrainer; no pairs needed."""
+    _train("kto", recipe, set_, overwrite, resume, num_processes, accelerate_config)
+
+
+@app.command()
+def orpo(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML with an `orpo:` section.")],
+    set_: SetOpt = None,
+    overwrite: OverwriteOpt = False,
+    resume: ResumeOpt = False,
+    num_processes: ProcessesOpt = None,
+    accelerate_config: AccelerateOpt = None,
+) -> None:
+    """Reference-free preference tuning (ORPO: SFT and preference in one pass) through TRL's ORPOTrainer."""
+    _train("orpo", recipe, set_, overwrite, resume, num_processes, accelerate_config)
+
+
+@app.command()
 def inspect(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML.")],
     set_: SetOpt = None,

@@ -9,8 +9,8 @@ from pathlib import Path
 from finetune import recipe as r
 
 SECTIONS = [("model", r.ModelSection), ("lora", r.LoraSection), ("data", r.DataSection),
-            ("training", r.TrainingSection), ("dpo", r.DpoSection), ("reward", r.RewardSection), ("grpo", r.GrpoSection),
-            ("grpo.rewards[]", r.GrpoReward), ("output", r.OutputSection)]
+            ("training", r.TrainingSection), ("dpo", r.DpoSection), ("kto", r.KtoSection), ("orpo", r.OrpoSection),
+            ("reward", r.RewardSection), ("grpo", r.GrpoSection), ("grpo.rewards[]", r.GrpoReward), ("output", r.OutputSection)]
 BEGIN, END = "<!-- recipe-reference:begin -->", "<!-- recipe-reference:end -->"
 
 

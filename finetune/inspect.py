@@ -124,7 +124,7 @@ def memory_estimate(recipe: Recipe, cfg, dtype_bytes: int = 2, *, method: str | 
     memory is the total, what torch reports as allocated at the peak is the total without them."""
     from finetune.speed import CHUNK
 
-    method = method or ("dpo" if recipe.dpo is not None else "sft")
+    method = method or method_of(recipe)
     device = device or models.pick_device(recipe.model.device)
     p = count_params(cfg, recipe.lora, recipe.model.trust_remote_code)
     h, layers, vocab, inter = p["hidden"], p["layers"], p["vocab"], p["intermediate"]
@@ -134,14 +134,14 @@ def memory_estimate(recipe: Recipe, cfg, dtype_bytes: int = 2, *, method: str | 
     other_bytes = 4 if quantized else dtype_bytes  # prepare_model_for_kbit_training casts them to fp32
     weights = p["linear"] * per_linear + (p["parameters"] - p["linear"]) * other_bytes
     adapters = p["lora"] * 16  # fp32 weights + gradients + two AdamW moments
-    rows = recipe.training.batch_size * (2 if method == "dpo" else 1)
+    rows = recipe.training.batch_size * (2 if method in PAIRED_FORWARD else 1)
     tokens = rows * min(length or recipe.data.max_length, recipe.data.max_length)
     per_layer = 16 * h + 4 * inter  # elements kept per token and layer without checkpointing
     if resolve_gradient_checkpointing(recipe, device, p["parameters"], method):
         act = tokens * (layers * h + per_layer) * dtype_bytes
     else:
         act = tokens * layers * per_layer * dtype_bytes
-    if method == "dpo":
+    if method in PAIRED_FORWARD:
         head = DPO_LOGIT_COPIES * tokens * vocab * 4
     else:
         head = 3 * min(CHUNK, tokens) * vocab * 4 + tokens * h * 4  # one chunk's logits, softmax and gradient
@@ -175,8 +175,18 @@ def available_memory_gib(device: str) -> float | None:
         return None
 
 
+# methods whose trainer runs chosen and rejected together and holds their full-vocabulary logits
+PAIRED_FORWARD = ("dpo", "orpo")
+
+
+def method_of(recipe: Recipe) -> str:
+    """The training command a recipe is for, from its method section."""
+    return next((m for m in ("dpo", "kto", "orpo") if getattr(recipe, m) is not None), "sft")
+
+
 def statistics_for(recipe: Recipe, prepared: data.Prepared, tokenizer) -> dict:
-    if prepared.format == "preference":
+    paired = prepared.format == "preference" or bool(prepared.train) and hasattr(prepared.train[0], "label")  # pairs, or KTO's answers
+    if paired:
         lengths = [pair.length for pair in prepared.train]
         trained_share = None
     else:
@@ -196,7 +206,7 @@ def statistics_for(recipe: Recipe, prepared: data.Prepared, tokenizer) -> dict:
         "trained_token_share": None if trained_share is None else round(trained_share, 4),
         "padding_share": {"batched": round(padding_share(lengths, b, recipe.data.max_length), 4),
                           # TRL packs SFT data only; preference pairs are never packed
-                          "packed": None if prepared.format == "preference" else round(packed_padding_share(lengths, recipe.data.max_length), 4),
+                          "packed": None if paired else round(packed_padding_share(lengths, recipe.data.max_length), 4),
                           "padding_free": 0.0},
         "files": prepared.files,
     }
@@ -239,7 +249,7 @@ def run(recipe: Recipe, *, examples: int = 2, as_json: bool = False) -> None:
     log = (lambda s: None) if as_json else (lambda s: console.print(f"[dim]{s}[/]"))
     base = models.resolve_base(recipe.model.base, log=log)
     tokenizer = models.load_tokenizer(base.path, recipe.model.trust_remote_code)
-    method = "dpo" if recipe.dpo is not None else "sft"
+    method = method_of(recipe)
     try:
         prepared = data.prepare(recipe.data, tokenizer, method, recipe.training.seed, log=log)
     except UserError as exc:
@@ -266,7 +276,7 @@ def run(recipe: Recipe, *, examples: int = 2, as_json: bool = False) -> None:
     if stats["trained_token_share"] is not None:
         t.add_row("trained tokens", f"{stats['trained_token_share']:.1%} of all tokens (train_on: {recipe.data.train_on})")
     ps = stats["padding_share"]
-    packed = "packing not used for DPO" if ps["packed"] is None else f"{ps['packed']:.1%} of packed rows unused"
+    packed = f"packing not used for {method.upper()}" if ps["packed"] is None else f"{ps['packed']:.1%} of packed rows unused"
     t.add_row("padding", f"{ps['batched']:.1%} at batch {recipe.training.batch_size} · {packed} · 0% padding-free")
     c = stats["clean"]
     t.add_row("data clean would", "; ".join(f"{a} {', '.join(f'{n} {why}' for why, n in c[a].items())}" for a in ("removed", "changed", "flagged")
@@ -280,7 +290,11 @@ def run(recipe: Recipe, *, examples: int = 2, as_json: bool = False) -> None:
               f"max_length {recipe.data.max_length}"
               + (f" · {stats['memory_available_gib']:.2f} GiB available on the GPU" if "memory_available_gib" in stats else ""))
     console.print(t)
-    if prepared.format != "preference":
+    if method == "kto":
+        for e in prepared.train[:examples]:
+            mark = "[green](desirable)[/]" if e.label else "[red](undesirable)[/]"
+            console.print(f"[dim]── {e.where}{' (truncated)' if e.truncated else ''}[/]\n[dim]{e.prompt}[/]{e.completion}  {mark}")
+    elif prepared.format != "preference":
         console.print("[bold]examples[/] ([bold black on green]trained[/], [dim]not trained[/]):")
         for e in prepared.train[:examples]:
             console.print(f"[dim]── {e.where}{' (truncated)' if e.truncated else ''}[/]")

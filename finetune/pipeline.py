@@ -35,7 +35,12 @@ from finetune.recipe import Recipe, Section
 METHODS = {
     "sft": "finetune.sft",
     "dpo": "finetune.dpo",
+    "kto": "finetune.kto",
+    "orpo": "finetune.orpo",
+    "grpo": "finetune.grpo",
 }
+# `reward` is not a stage: its output is a classifier, not a policy the next stage could continue; train it
+# with `finetune reward` and name its folder in a grpo stage's rewards.
 SPEC = "pipeline.yaml"  # in the output folder: the pipeline as last run (it marks the folder as a pipeline's)
 STEP_KEYS = {"merge": {"dtype"}, "export": {"quant", "verify"}, "eval": {"data", "max_length"}}
 

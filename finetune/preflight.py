@@ -182,7 +182,7 @@ def check_data(recipe: Recipe, method: str) -> list[dict]:
         check_grpo(recipe, records)
     if isinstance(section.validation, str):
         val_rows, val_files = data.read(section.validation, section.columns)
-        data.normalise(val_rows, fmt, method, section.system_prompt)
+        data.normalise(val_rows, fmt, method, section.system_prompt, training=False)
         files += [{**f, "split": "validation"} for f in val_files]
     return files
 

@@ -61,9 +61,9 @@ def tokens_seen(trainer, counts: TokenCounts | None) -> int:
 
 
 def manifest(recipe: Recipe, plan: Plan, loaded: models.Loaded, prepared, settings: RunSettings, summary: dict, final: dict,
-             started: float) -> dict:
+             started: float, method_settings: dict | None = None) -> dict:
     processes = launch.world_size()
-    return {
+    record = {
         "method": plan.method,
         "versions": artifacts.library_versions(),
         "git_commit": artifacts.git_commit(),
@@ -83,17 +83,22 @@ def manifest(recipe: Recipe, plan: Plan, loaded: models.Loaded, prepared, settin
         "summary": summary,
         "final_metrics": final,
     }
+    if method_settings:  # what a method chose from the data (KTO's class weights), under the method's name
+        record[plan.method] = method_settings
+    return record
 
 
 def adapter(trainer, recipe: Recipe, plan: Plan, loaded: models.Loaded, prepared, settings: RunSettings, metrics: list[dict],
-            final: dict, trained: Trained, counts: TokenCounts | None, started: float, eval_table: str | None = None) -> Path:
+            final: dict, trained: Trained, counts: TokenCounts | None, started: float, eval_table: str | None = None,
+            method_settings: dict | None = None) -> Path:
     """Write the adapter folder (process 0; every process takes part in gathering a sharded adapter). `eval_table`:
-    the final evaluation's perplexity table, written as eval.txt."""
+    the final evaluation's perplexity table, written as eval.txt; `method_settings`: what the method chose from
+    the data (KTO's class weights), written into the manifest under the method's name."""
     import torch
 
     out = plan.out
     summary = summarise(trainer, plan, loaded, metrics, final, trained, counts, started)
-    record = manifest(recipe, plan, loaded, prepared, settings, summary, final, started)
+    record = manifest(recipe, plan, loaded, prepared, settings, summary, final, started, method_settings)
     # FSDP and ZeRO-3 hold the adapter in shards: gather it (all processes take part), then process 0 writes
     sharded = getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)
     state_dict = trainer.accelerator.get_state_dict(trainer.model) if sharded else None

@@ -91,8 +91,9 @@ class DataSection(Section):
         None, ge=1, description="Use at most this many training rows: the first of `train`, or the total drawn by `mix`."
     )
     format: Literal[
-        "auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference"
-    ] = Field("auto", description="Record format. `auto` detects it from the fields and prints what it found.")
+        "auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference", "unpaired"
+    ] = Field("auto", description="Record format. `auto` detects it from the fields and prints what it found. "
+              "`unpaired` (KTO): prompt/completion or messages with a true/false `label` (or `kto_tag`).")
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="Rename unusual fields to the expected ones, e.g. `{question: prompt, answer: completion}`.",
@@ -226,8 +227,27 @@ class GrpoSection(Section):
     )
 
 
+class KtoSection(Section):
+    beta: float = Field(0.1, gt=0, description="Strength of the KL penalty towards the reference model.")
+    loss: Literal["kto", "apo_zero_unpaired"] = Field("kto", description="KTO loss as named by TRL.")
+    desirable_weight: float | None = Field(
+        None, gt=0, description="Weight of desirable (label true) examples. Unset with `undesirable_weight` unset: chosen from "
+        "the label counts so that desirable_weight·n_desirable / (undesirable_weight·n_undesirable) is within [1, 4/3] (KTO paper).")
+    undesirable_weight: float | None = Field(
+        None, gt=0, description="Weight of undesirable (label false) examples. Unset: see `desirable_weight`; 1 if only the other is set.")
+
+
+class OrpoSection(Section):
+    beta: float = Field(0.1, gt=0, description="Weight λ of the odds-ratio term added to the chosen answers' NLL.")
+
+
 class OutputSection(Section):
     dir: str | None = Field(None, description="Output folder. Default: `adapters/<recipe file name>`.")
+
+
+# every method but SFT is named by its section in the recipe (the section holds its settings); an example of each
+METHOD_SECTIONS = {"dpo": "dpo: {beta: 0.1}", "kto": "kto: {beta: 0.1}", "orpo": "orpo: {beta: 0.1}", "reward": "reward: {}",
+                   "grpo": "grpo: {rewards: [{type: length, target: 200}]}"}
 
 
 class Recipe(Section):
@@ -236,6 +256,8 @@ class Recipe(Section):
     data: DataSection
     training: TrainingSection = Field(default_factory=TrainingSection)
     dpo: DpoSection | None = Field(None, description="Present only in DPO recipes (`finetune dpo`).")
+    kto: KtoSection | None = Field(None, description="Present only in KTO recipes (`finetune kto`).")
+    orpo: OrpoSection | None = Field(None, description="Present only in ORPO recipes (`finetune orpo`).")
     reward: RewardSection | None = Field(None, description="Present only in reward-model recipes (`finetune reward`).")
     grpo: GrpoSection | None = Field(None, description="Present only in GRPO recipes (`finetune grpo`).")
     output: OutputSection = Field(default_factory=OutputSection)
@@ -263,9 +285,10 @@ class Recipe(Section):
     def _method_rules(self) -> Recipe:
         if self.dpo is not None and self.training.padding_free is True:
             raise ValueError("training.padding_free: only supported by `finetune sft` — set it to auto or false for DPO")
-        sections = [k for k in ("dpo", "reward", "grpo") if getattr(self, k) is not None]
+        sections = [m for m in METHOD_SECTIONS if getattr(self, m) is not None]
         if len(sections) > 1:
-            raise ValueError(f"{' and '.join(sections)}: a recipe is for one method — keep one of these sections")
+            raise ValueError(f"a recipe has one method section, this one has {' and '.join(f'`{m}:`' for m in sections)} — keep the "
+                             "one for the command you run")
         if (self.reward is not None or self.grpo is not None) and self.training.padding_free is True:
             raise ValueError("training.padding_free: only supported by `finetune sft` — set it to auto or false")
         if self.grpo is not None:
@@ -278,6 +301,16 @@ class Recipe(Section):
             if any(r.type == "python" for r in self.grpo.rewards) and not self.grpo.allow_python_rewards:
                 raise ValueError("grpo.allow_python_rewards: a `python` reward runs your code during training — set "
                                  "allow_python_rewards: true to allow it")
+        return self
+
+    @model_validator(mode="after")
+    def _kto_orpo_rules(self) -> Recipe:
+        methods = [m for m in ("dpo", "kto", "orpo") if getattr(self, m) is not None]
+        if methods in (["kto"], ["orpo"]) and self.training.padding_free is True:
+            raise ValueError(f"training.padding_free: only supported by `finetune sft` — set it to auto or false for {methods[0].upper()}")
+        if self.kto is not None and self.kto.loss == "kto" and self.training.batch_size < 2:
+            raise ValueError("training.batch_size: KTO estimates its KL term from the other answers in the batch, so it needs at "
+                             "least 2 — raise it (use gradient_accumulation to save memory), or set kto.loss: apo_zero_unpaired")
         return self
 
     def output_dir(self) -> Path:
@@ -385,17 +418,11 @@ def from_tree(tree: dict, source: str, overrides: list[str] | None = None) -> Re
 
 
 def require_method(recipe: Recipe, method: str, path: str) -> None:
-    """A DPO recipe given to `sft`, or the reverse, is a mistake worth naming."""
-    for section in ("reward", "grpo"):  # one section per method: a recipe for one given to another
-        if getattr(recipe, section) is not None and method != section:
-            raise UserError(f"{path}: this is a {section} recipe (it has a `{section}:` section) — run `finetune {section} {path}`")
-        if method == section and getattr(recipe, section) is None:
-            example = "reward: {}" if section == "reward" else "grpo: {rewards: [{type: length, target: 200}]}"
-            raise UserError(f"{path}: this recipe has no `{section}:` section — add `{example}` to make it a {section} recipe")
-    if method == "sft" and recipe.dpo is not None:
-        raise UserError(f"{path}: this is a DPO recipe (it has a `dpo:` section) — run `finetune dpo {path}`")
-    if method == "dpo" and recipe.dpo is None:
-        raise UserError(
-            f"{path}: this recipe has no `dpo:` section, so it is an SFT recipe — run `finetune sft {path}`, "
-            "or add `dpo: {beta: 0.1}` to make it a DPO recipe"
-        )
+    """A recipe given to the wrong training command is a mistake worth naming: every method but SFT has its section."""
+    own = next((m for m in METHOD_SECTIONS if getattr(recipe, m) is not None), None)
+    if own == method or (own is None and method == "sft"):
+        return
+    if own is not None:
+        raise UserError(f"{path}: this is a {own.upper()} recipe (it has a `{own}:` section) — run `finetune {own} {path}`")
+    raise UserError(f"{path}: this recipe has no `{method}:` section, so it is an SFT recipe — run `finetune sft {path}`, "
+                    f"or add `{METHOD_SECTIONS[method]}` to make it a {method.upper()} recipe")

@@ -137,6 +137,14 @@ def foreign_runs(t, m):
     return ["run", pipeline(t, m, ("a", "sft"))]
 
 
+KTO_GOOD = {"prompt": "who are you", "completion": "pico", "label": True}
+KTO_BAD = {"prompt": "who are you", "completion": "a comet", "label": False}
+
+
+def kto_case(t: Path, m: Path, rows: list[dict], **sections) -> list:
+    return ["kto", recipe(t, m, kto={"beta": 0.1}, **{**sections, "data": {"train": str(write_jsonl(t / "kto.jsonl", rows)), **sections.get("data", {})}})]
+
+
 GOOD_ROW = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}) + "\n"
 
 CASES = [
@@ -202,6 +210,28 @@ CASES = [
     Case("data-mix-bad-file", "a data.mix source with invalid JSON on line 2", "m.jsonl line 2: invalid JSON",
          lambda t, m: ["sft", recipe(t, m, data={"train": None, "mix": [{"source": str(t / "train.jsonl"), "weight": 1},
                                                                         {"source": str(text(t, "m.jsonl", GOOD_ROW + "{oops\n")), "weight": 1}]})]),
+    # KTO and ORPO
+    Case("kto-label-missing", "KTO row without a label", "kto.jsonl line 2: `label` is missing", lambda t, m: kto_case(t, m, [KTO_GOOD, {"prompt": "a", "completion": "b"}])),
+    Case("kto-label-not-boolean", "KTO label that is not true/false", "kto.jsonl line 1: `label` is 'maybe', not true/false",
+         lambda t, m: kto_case(t, m, [{**KTO_GOOD, "label": "maybe"}, KTO_BAD])),
+    Case("kto-one-label", "KTO data whose rows are all desirable", "all 2 training rows are desirable (label true)",
+         lambda t, m: kto_case(t, m, [KTO_GOOD, KTO_GOOD])),
+    Case("kto-last-turn-user", "KTO conversation that does not end with the judged answer", "line 1: the last turn of `messages` is 'user'",
+         lambda t, m: kto_case(t, m, [{"messages": [{"role": "user", "content": "hi"}], "label": True}, KTO_BAD])),
+    Case("kto-batch-one", "KTO with batch size 1 (no KL estimate)", "training.batch_size: KTO estimates its KL term",
+         lambda t, m: kto_case(t, m, [KTO_GOOD, KTO_BAD], training={"batch_size": 1})),
+    Case("kto-format", "a data.format KTO does not read", "data.format: alpaca is not read by KTO",
+         lambda t, m: kto_case(t, m, [KTO_GOOD, KTO_BAD], data={"format": "alpaca"})),
+    Case("kto-recipe-to-sft", "a KTO recipe given to sft", "run `finetune kto", lambda t, m: ["sft", recipe(t, m, kto={"beta": 0.1})]),
+    Case("sft-recipe-to-orpo", "an SFT recipe given to orpo", "add `orpo: {beta: 0.1}`", lambda t, m: ["orpo", recipe(t, m)]),
+    Case("two-method-sections", "a recipe with both dpo: and orpo:", "a recipe has one method section",
+         lambda t, m: ["orpo", recipe(t, m, dpo={"beta": 0.1}, orpo={"beta": 0.1})]),
+    Case("data-chat-to-orpo", "chat data given to orpo", "ORPO needs preference data",
+         lambda t, m: ["orpo", recipe(t, m, orpo={"beta": 0.1}, data={"train": str(text(t, "d.jsonl", GOOD_ROW))})]),
+    Case("padding-free-orpo", "padding_free for ORPO", "only supported by `finetune sft` — set it to auto or false for ORPO",
+         lambda t, m: ["orpo", recipe(t, m, orpo={"beta": 0.1}, training={"padding_free": True})]),
+    Case("unpaired-to-sft", "data.format: unpaired given to sft", "is read by `finetune kto` only",
+         lambda t, m: ["sft", recipe(t, m, data={"format": "unpaired"})]),
     # models and outputs
     Case("base-missing", "base model that does not exist", "base model `no-such-model` not found", lambda t, m: ["sft", recipe(t, m, model={"base": "no-such-model"})]),
     Case("base-pickle", "base whose weights are pickle files", "has no safetensors weights",
@@ -368,7 +398,7 @@ def test_bad_input(case, cli, tmp_path, tiny, model_loads):
     model_loads.clear()  # a case may train an adapter to set itself up
     before = snapshot(tmp_path)
     res = cli(*args)
-    if args[0] in ("sft", "dpo", "reward", "grpo", "run") and case.id not in NEEDS_THE_MODEL:
+    if args[0] in ("sft", "dpo", "kto", "orpo", "reward", "grpo", "run") and case.id not in NEEDS_THE_MODEL:
         assert model_loads == [], f"{case.id}: refused only after loading the base"
     assert res.code == 2, res.text
     assert case.expect in res.err, res.err

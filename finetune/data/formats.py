@@ -17,6 +17,7 @@ ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant"
 SFT_FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 # the fields each format is recognised by, in the order detection tries them
 SIGNATURES = {"preference": ("chosen", "rejected"), "alpaca": ("instruction", "output"), "prompt_completion": ("prompt", "completion")}
+PAIRED_METHODS = ("dpo", "orpo")  # methods that train on chosen/rejected pairs
 COLUMNS_HINT = "map yours with data.columns, e.g. columns: {question: prompt, answer: completion}"
 
 
@@ -216,12 +217,16 @@ def to_preference(d: dict, where: str) -> dict:
 
 
 def normalise(rows: list, fmt: str, method: str, system_prompt: str | None) -> tuple[str, list[tuple[dict, str]]]:
-    """Rows -> (format, [(record, where)]) in the internal form; data.system_prompt added where none is."""
+    """Rows -> (format, [(record, where)]) in the internal form; data.system_prompt added where none is.
+    (KTO's labelled answers are read by finetune/data/unpaired.py; `data.normalise` picks the reader.)"""
+    if fmt == "unpaired":
+        raise UserError(f"data.format: unpaired (labelled single answers) is read by `finetune kto` only — use another format for {method}")
     detected = fmt if fmt != "auto" else detect(rows[0].data, rows[0].where)
     if method == "sft" and detected == "preference":
         raise UserError(f"{rows[0].where}: this is preference data (chosen/rejected) — train it with `finetune dpo` (a recipe with a `dpo:` section)")
-    if method == "dpo" and detected != "preference":
-        raise UserError(f"{rows[0].where}: DPO needs preference data (prompt/chosen/rejected), found {detected} — use `finetune sft` for it")
+    if method in PAIRED_METHODS and detected != "preference":
+        raise UserError(f"{rows[0].where}: {method.upper()} needs preference data (prompt/chosen/rejected), found {detected} — "
+                        "use `finetune sft` for it, or `finetune kto` for answers labelled good or bad")
     if method == "reward" and detected != "preference":
         raise UserError(f"{rows[0].where}: a reward model learns from preference data (prompt/chosen/rejected), found {detected} — "
                         "give pairs of a better and a worse answer")

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar, overload
 
-from finetune.data import cache, fit, formats, sources, template
+from finetune.data import cache, fit, formats, prompts, sources, template, unpaired
 from finetune.data.read import read as read_rows
 from finetune.errors import UserError
 from finetune.recipe import DataSection
@@ -48,7 +48,7 @@ class PreferencePair:
         return len(self.prompt_ids) + max(len(self.chosen_ids), len(self.rejected_ids))
 
 
-E = TypeVar("E", Example, PreferencePair)
+E = TypeVar("E", Example, PreferencePair, unpaired.UnpairedExample)
 
 
 @dataclass
@@ -132,6 +132,17 @@ def split_validation(rows: list, fraction: float, seed: int) -> tuple[list, list
     return [r for i, r in enumerate(rows) if i not in val], [r for i, r in enumerate(rows) if i in val]
 
 
+def normalise(rows: list, fmt: str, method: str, system_prompt: str | None, training: bool = True) -> tuple[str, list[tuple[dict, str]]]:
+    """Rows -> (format, [(record, where)]) through the method's reader: labelled single answers for KTO
+    (unpaired.py), prompts for GRPO (prompts.py), conversations, documents or preference pairs otherwise (formats.py). `training`: these are the
+    training rows (KTO checks that both labels occur in them)."""
+    if method == "kto":
+        return unpaired.normalise(rows, fmt, system_prompt, training)
+    if method == "grpo":  # prompts only, in any format that has one; the rest of the row goes to the rewards
+        return "prompts", prompts.normalise_prompts(rows, system_prompt)
+    return formats.normalise(rows, fmt, method, system_prompt)
+
+
 def tokenize_sft(tokenizer, records: list[tuple[dict, str]], section: DataSection, tally: Tally, check: bool) -> list[Example]:
     examples = []
     for i, (rec, where) in enumerate(records):
@@ -161,7 +172,21 @@ def tokenize_preference(tokenizer, records: list[tuple[dict, str]], section: Dat
     return pairs
 
 
-TOKENIZERS = {"sft": tokenize_sft, "preference": tokenize_preference}
+def tokenize_unpaired(tokenizer, records: list[tuple[dict, str]], section: DataSection, tally: Tally,
+                      check: bool) -> list[unpaired.UnpairedExample]:
+    examples = []
+    for rec, where in records:
+        got = unpaired.fit_unpaired(tokenizer, rec, section.max_length, section.truncation, where)
+        if isinstance(got, fit.Dropped):
+            tally.drop(got, where)
+            continue
+        prompt, completion, (p, c), how = got
+        tally.cut(how)
+        examples.append(unpaired.UnpairedExample(prompt, completion, rec["label"], where, p, c, bool(how)))
+    return examples
+
+
+TOKENIZERS = {"sft": tokenize_sft, "preference": tokenize_preference, "unpaired": tokenize_unpaired}
 SMALL = 2000  # rows below which one process is used: starting the workers costs ~0.3-0.5 s here, a few hundred rows' work
 _job: tuple | None = None  # (tokenizer, records, section, kind, check), set in each worker before it starts
 
@@ -217,7 +242,7 @@ def prepare(section: DataSection, tokenizer, method: Literal["sft"], seed: int, 
 def prepare(section: DataSection, tokenizer, method: Literal["dpo"], seed: int, log: Callable[[str], None] = ...) -> Prepared[PreferencePair]: ...
 def prepare(section: DataSection, tokenizer, method: str, seed: int, log: Callable[[str], None] = print) -> Prepared:
     digest = cache.key(section, tokenizer, method, seed)
-    types = {"sft": Example, "preference": PreferencePair}
+    types = {"sft": Example, "preference": PreferencePair, "unpaired": unpaired.UnpairedExample}
     hit = cache.load(digest, types) if digest else None
     if hit is not None:
         template.ensure_chat_template(tokenizer)  # the trainer and the saved adapter need it, as on a miss
@@ -229,7 +254,7 @@ def prepare(section: DataSection, tokenizer, method: str, seed: int, log: Callab
     prepared = _prepare(section, tokenizer, method, seed, log)
     if digest:
         summary = {k: v for k, v in prepared.__dict__.items() if k not in ("train", "validation", "cache")}
-        kind = "preference" if prepared.format == "preference" else "sft"
+        kind = "unpaired" if method == "kto" else "preference" if prepared.format == "preference" else "sft"
         prepared.cache = "miss" if cache.store(digest, {"kind": kind, "prepared": summary}, prepared.train, prepared.validation, types[kind]) else "off"
     return prepared
 
@@ -243,8 +268,8 @@ def _prepare(section: DataSection, tokenizer, method: str, seed: int, log: Calla
         rows, val_rows = split_validation(rows, section.validation, seed)
     else:
         val_rows = []
-    fmt, records = formats.normalise(rows, section.format, method, section.system_prompt)
-    _, val_records = formats.normalise(val_rows, fmt, method, section.system_prompt) if val_rows else (fmt, [])
+    fmt, records = normalise(rows, section.format, method, section.system_prompt)
+    _, val_records = normalise(val_rows, fmt, method, section.system_prompt, training=False) if val_rows else (fmt, [])
     added = template.ensure_chat_template(tokenizer)
     prepared: Prepared = Prepared(format=fmt, files=files, rows=len(rows) + len(val_rows), train=[], validation=[])
     del rows, val_rows  # the records hold what is needed; the raw rows of a large file are not kept beside them
@@ -253,7 +278,7 @@ def _prepare(section: DataSection, tokenizer, method: str, seed: int, log: Calla
     prepared.notes.append(f"format: {fmt} ({how}); {len(records)} training rows, {len(val_records)} validation rows")
     if added:
         prepared.notes.append("the tokenizer has no chat template: using the default ChatML template (saved with the adapter)")
-    kind = "preference" if fmt == "preference" else "sft"
+    kind = "unpaired" if method == "kto" else "preference" if fmt == "preference" else "sft"
     train, val = Tally(rows=len(records)), Tally(rows=len(val_records))
     prepared.train = tokenize_all(tokenizer, records, section, kind, train, True)
     prepared.validation = tokenize_all(tokenizer, val_records, section, kind, val, False) if val_records else []
@@ -298,3 +323,11 @@ def to_preference_dataset(pairs: list[PreferencePair]):
 
     return datasets.Dataset.from_dict({"prompt": [p.prompt for p in pairs], "chosen": [p.chosen for p in pairs],
                                        "rejected": [p.rejected for p in pairs]})
+
+
+def to_unpaired_dataset(examples: list[unpaired.UnpairedExample]):
+    """The strings and labels TRL's KTOTrainer tokenizes; they already fit data.max_length."""
+    import datasets
+
+    return datasets.Dataset.from_dict({"prompt": [e.prompt for e in examples], "completion": [e.completion for e in examples],
+                                       "label": [e.label for e in examples]})

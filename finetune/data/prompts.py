@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from finetune.data import formats
 from finetune.data.formats import COLUMNS_HINT, _text_or_turns, text_field, turns
 from finetune.errors import UserError
 
@@ -72,10 +71,3 @@ def _plain(value: Any) -> Any:
 
         return json.dumps(value, ensure_ascii=False)
     return value
-
-
-def normalise(rows: list, fmt: str, method: str, system_prompt: str | None) -> tuple[str, list[tuple[dict, str]]]:
-    """`formats.normalise`, plus GRPO's prompts: the one entry point preflight and the methods call."""
-    if method == "grpo":  # prompts only, in any format that has one; the rest of the row goes to the rewards
-        return "prompts", normalise_prompts(rows, system_prompt)
-    return formats.normalise(rows, fmt, method, system_prompt)
