@@ -134,7 +134,7 @@ def memory_estimate(recipe: Recipe, cfg, dtype_bytes: int = 2, *, method: str | 
     other_bytes = 4 if quantized else dtype_bytes  # prepare_model_for_kbit_training casts them to fp32
     weights = p["linear"] * per_linear + (p["parameters"] - p["linear"]) * other_bytes
     adapters = p["lora"] * 16  # fp32 weights + gradients + two AdamW moments
-    rows = recipe.training.batch_size * (2 if method in PAIRED_FORWARD else 1)
+    rows = recipe.training.batch_size * (2 if method in (*PAIRED_FORWARD, "reward") else 1)
     tokens = rows * min(length or recipe.data.max_length, recipe.data.max_length)
     per_layer = 16 * h + 4 * inter  # elements kept per token and layer without checkpointing
     if resolve_gradient_checkpointing(recipe, device, p["parameters"], method):
@@ -143,6 +143,8 @@ def memory_estimate(recipe: Recipe, cfg, dtype_bytes: int = 2, *, method: str | 
         act = tokens * layers * per_layer * dtype_bytes
     if method in PAIRED_FORWARD:
         head = DPO_LOGIT_COPIES * tokens * vocab * 4
+    elif method == "reward":
+        head = tokens * h * 4  # one score per sequence: no vocabulary-wide logits
     else:
         head = 3 * min(CHUNK, tokens) * vocab * 4 + tokens * h * 4  # one chunk's logits, softmax and gradient
         if quantized and dtype_bytes < 4:
@@ -181,7 +183,9 @@ PAIRED_FORWARD = ("dpo", "orpo")
 
 def method_of(recipe: Recipe) -> str:
     """The training command a recipe is for, from its method section."""
-    return next((m for m in ("dpo", "kto", "orpo") if getattr(recipe, m) is not None), "sft")
+    from finetune.recipe import METHOD_SECTIONS
+
+    return next((m for m in METHOD_SECTIONS if getattr(recipe, m) is not None), "sft")
 
 
 def statistics_for(recipe: Recipe, prepared: data.Prepared, tokenizer) -> dict:
@@ -250,6 +254,9 @@ def run(recipe: Recipe, *, examples: int = 2, as_json: bool = False) -> None:
     base = models.resolve_base(recipe.model.base, log=log)
     tokenizer = models.load_tokenizer(base.path, recipe.model.trust_remote_code)
     method = method_of(recipe)
+    if method == "grpo":
+        raise UserError("finetune inspect reads SFT, DPO, KTO, ORPO and reward recipes; a GRPO recipe's data are prompts, which "
+                        "`finetune grpo` checks row by row before the model loads — run it with training.max_steps: 1 to try them")
     try:
         prepared = data.prepare(recipe.data, tokenizer, method, recipe.training.seed, log=log)
     except UserError as exc:

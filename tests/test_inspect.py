@@ -191,6 +191,23 @@ def test_inspect_dpo_recipe_with_pairs_longer_than_max_length(cli, tmp_path, tin
     assert res.code == 0 and "packing not used for DPO" in row and not re.search(r"-\d", row)
 
 
+def test_inspect_reward_recipe_reads_pairs_and_refuses_grpo(cli, tmp_path, tiny):
+    """A reward recipe is inspected as the pairs it trains on (both answers of each pair in memory, one score
+    per sequence); a GRPO recipe is refused with what to do instead, not read as SFT data."""
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"who {i}", "chosen": "pico the star", "rejected": "no"} for i in range(6)])
+    p = write_recipe(tmp_path / "r.yaml", {"model": {"base": str(tiny)}, "data": {"train": str(data), "max_length": 32},
+                                           "training": {"batch_size": 2}, "reward": {}})
+    res = cli("inspect", p, "--json")
+    assert res.code == 0, res.text
+    stats = json.loads(res.out)
+    assert stats["memory_estimate_gib"]["method"] == "reward" and stats["format"] == "preference" and stats["train_examples"] == 6
+    prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "who are you"}] * 4)
+    g = write_recipe(tmp_path / "g.yaml", {"model": {"base": str(tiny)}, "data": {"train": str(prompts)},
+                                           "training": {"batch_size": 4}, "grpo": {"rewards": [{"type": "length", "target": 20}]}})
+    res = cli("inspect", g)
+    assert res.code == 2 and "a GRPO recipe's data are prompts" in res.err, res.text
+
+
 def test_dpo_estimate_scales_with_rows_and_length():
     """SmolLM2-135M's shape (built on the meta device, no weights): DPO's logits term is ten fp32 copies of
     (2 x batch) rows x length x vocabulary, so it grows linearly with the example length."""
