@@ -153,9 +153,13 @@ def model_card(recipe: Recipe, method: str, base: models.Base, summary: dict) ->
     lines = [f"# {recipe.name}", "", f"LoRA adapter trained with `finetune {method}` on base `{base.spec}`.", "",
              "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in summary.items()]
-    lines += ["", "Load it without this toolkit:", "", "```python", "from peft import AutoPeftModelForCausalLM",
-              "from transformers import AutoTokenizer", f'model = AutoPeftModelForCausalLM.from_pretrained("{recipe.output_dir()}")',
-              f'tokenizer = AutoTokenizer.from_pretrained("{recipe.output_dir()}")', "```", "",
+    # a reward model is a one-score classifier (score head saved with the adapter); every other method a causal LM
+    auto, extra = (("AutoPeftModelForSequenceClassification", ", num_labels=1") if method == "reward" else ("AutoPeftModelForCausalLM", ""))
+    lines += ["", "Load it without this toolkit:", "", "```python", f"from peft import {auto}",
+              "from transformers import AutoTokenizer", f'model = {auto}.from_pretrained("{recipe.output_dir()}"{extra})',
+              f'tokenizer = AutoTokenizer.from_pretrained("{recipe.output_dir()}")',
+              *(["model.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token"] if method == "reward" else []),
+              "```", "",
               "`recipe.yaml` holds the resolved recipe; `manifest.json` the versions, data hashes and metrics.", ""]
     return "\n".join(lines)
 

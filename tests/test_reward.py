@@ -46,6 +46,8 @@ def test_reward_model_separates_held_out_pairs_and_loads_without_toolkit(cli, tm
     from peft import AutoPeftModelForSequenceClassification
     from transformers import AutoTokenizer
 
+    card = (out / "README.md").read_text()  # the folder's own card says how to load it, and that is what runs here
+    assert "AutoPeftModelForSequenceClassification.from_pretrained(" in card and "pad_token_id" in card
     model = AutoPeftModelForSequenceClassification.from_pretrained(str(out), num_labels=1).eval()
     tok = AutoTokenizer.from_pretrained(str(out))
     model.config.pad_token_id = tok.pad_token_id
