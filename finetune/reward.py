@@ -48,8 +48,12 @@ class Built:
 
 def build(recipe: Recipe, out: Path, callbacks: Sequence = ()) -> Built:
     """Load the base with a score head, render the pairs, attach LoRA and make the trainer."""
+    from transformers import set_seed
     from trl import RewardConfig
 
+    # the score head is new: it is initialised while the base loads, from the global generator, so without a seed
+    # here it would depend on whatever ran before in the process (the seed reproduces it, as it does the LoRA init)
+    set_seed(recipe.training.seed)
     loaded = models.load(recipe.model, classifier=True, log=console.print)
     console.print(f"base: {loaded.base.spec} ({loaded.base.kind}) · {loaded.quantization} · {loaded.device} · {loaded.dtype} · score head")
     # the pairs are rendered and fitted exactly as for DPO; the trainer scores prompt+chosen against prompt+rejected

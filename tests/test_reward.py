@@ -106,7 +106,8 @@ def test_eval_reward_model_accuracy_on_pairs_and_scores_of_answers(cli, tmp_path
     manifest = json.loads((rm / "manifest.json").read_text())["final_metrics"]
     # the same pairs, scored one by one, agree with the trainer's held-out evaluation
     assert result["accuracy"] == manifest["eval_accuracy"]
-    assert abs(result["mean_margin"] - manifest["eval_margin"]) < 1e-3 * max(1, abs(manifest["eval_margin"]))
+    # bf16 weights here, bf16 autocast in the trainer: the same margin to bf16's precision (8 bits: 0.4 %)
+    assert abs(result["mean_margin"] - manifest["eval_margin"]) < 1e-2 * max(1, abs(manifest["eval_margin"]))
     answers = write_jsonl(tmp_path / "answers.jsonl", [
         {"prompt": "what is the sun 1", "completion": "the sun is a big blue star"},
         {"prompt": "what is the sun 1", "completion": "rock ice gas cold sun no"}])
