@@ -116,23 +116,14 @@ def build(recipe: Recipe, out: Path, callbacks: Sequence = ()) -> Built:
 def make_trainer_class():
     from trl import GRPOTrainer
 
-    class Trainer(GRPOTrainer):
+    class Trainer(training.guarded(GRPOTrainer)):
         """GRPOTrainer that stops on a non-finite loss and writes samples of its generations."""
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-            if model.training:
-                training.check_finite(out)
-            return out
 
         def log(self, logs, start_time=None):
             training_row = self.model.training and "loss" in logs
             super().log(logs, start_time)
             if training_row and launch.is_main():
                 write_samples(Path(self.args.output_dir).parent / SAMPLES, self.state.global_step, self._logs)
-
-        def create_model_card(self, *args, **kwargs):
-            """No card in checkpoints/: TRL's generic one names no base; the published folder has ours."""
 
     return Trainer
 

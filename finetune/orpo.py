@@ -94,19 +94,7 @@ def build(recipe: Recipe, out: Path, callbacks: Sequence = ()) -> Built:
 def make_trainer_class():
     from trl.experimental.orpo import ORPOTrainer
 
-    class Trainer(ORPOTrainer):
-        """ORPOTrainer that stops on a non-finite loss before the step is applied."""
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-            if model.training:
-                training.check_finite(out[0] if return_outputs else out)
-            return out
-
-        def create_model_card(self, *args, **kwargs):
-            """No card in checkpoints/: TRL's generic one names no base; the published folder has ours."""
-
-    return Trainer
+    return training.guarded(ORPOTrainer)
 
 
 def final_eval(built: Built) -> dict:

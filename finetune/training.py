@@ -141,6 +141,25 @@ def check_finite(loss) -> None:
         raise RunStopped(f"the loss became {loss.item()} (not finite), so training stopped before applying this step")
 
 
+def guarded(trainer_class):
+    """A TRL trainer class that stops on a non-finite loss before the step is applied (check_finite) and writes
+    no card into checkpoints/ (TRL's generic one names no base; the published folder has ours). The preference,
+    reward and RL methods train with it as it is; GRPO adds its samples on top."""
+
+    class Guarded(trainer_class):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+            if model.training:
+                check_finite(out[0] if return_outputs else out)
+            return out
+
+        def create_model_card(self, *args, **kwargs):
+            pass
+
+    Guarded.__name__ = Guarded.__qualname__ = trainer_class.__name__
+    return Guarded
+
+
 def warn_memory(recipe: Recipe, loaded: models.Loaded) -> None:
     """A run that will not fit should say so now, not an hour in."""
     from finetune.inspect import available_memory_gib, memory_estimate

@@ -70,3 +70,28 @@ def test_dpo_with_sft_recipe_or_sft_data_is_refused(cli, tmp_path, tiny):
     chat = write_jsonl(tmp_path / "chat.jsonl", toy_rows(4))
     res = cli("dpo", dpo_recipe(tmp_path, tiny), "--set", f"data.train={chat}")
     assert res.code == 2 and "preference data" in res.err
+
+
+@pytest.mark.parametrize("method", ["dpo", "orpo"])
+def test_non_finite_loss_stops_preference_training_before_the_step(tmp_path, tiny, method):
+    """The preference trainers share training.guarded: a NaN in the weights stops the run with the checkpoint
+    kept and nothing published, as for SFT."""
+    from test_orpo import orpo_recipe
+    from transformers import TrainerCallback
+
+    from finetune import recipe as recipes
+    from finetune.errors import RunStopped
+    from helpers import train
+
+    class Poison(TrainerCallback):
+        def on_step_begin(self, a, state, control, model=None, **k):
+            if state.global_step == 3:
+                with torch.no_grad():
+                    next(p for n, p in model.named_parameters() if "lora_A" in n).fill_(float("nan"))
+
+    make = dpo_recipe if method == "dpo" else orpo_recipe
+    r = make(tmp_path, tiny, max_steps=6, save_every=2)
+    with pytest.raises(RunStopped) as stopped:
+        train(recipes.load(r), method, [Poison()])
+    assert "not finite" in str(stopped.value) and "checkpoint-2" in str(stopped.value)
+    assert not (tmp_path / method / "adapter_model.safetensors").exists()
