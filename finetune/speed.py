@@ -6,6 +6,7 @@ and the pieces of work no library does for us on a CPU (measured in bench/, see 
 - per-sequence causal attention for padding-free batches, instead of one dense block-diagonal mask over
   the whole flattened batch (cost: sum of squared lengths instead of the square of their sum);
 - LoRA layers that leave their input in the autocast dtype instead of copying it to fp32 per adapter;
+- on CPUs, LoRA dropout masks drawn from 16-bit slices of random words (cheap_lora_dropout);
 - on Linux CPUs, freed memory kept in the heap for the next step (reuse_freed_memory);
 - on CPUs, one compute thread per core that other processes leave free (cpu_threads).
 """
@@ -38,6 +39,7 @@ class RunSettings:
     loss: str
     allocator: str = "default"
     threads: int | None = None  # CPU compute threads (None: the library's default)
+    lora_dropout: str = "torch"  # how LoRA dropout masks are drawn (see cheap_lora_dropout)
 
 
 def choose(recipe, loaded, method: str) -> RunSettings:
@@ -59,7 +61,8 @@ def choose(recipe, loaded, method: str) -> RunSettings:
     return RunSettings(loaded.device, str(loaded.dtype).removeprefix("torch."), loaded.quantization, bool(gc), bool(pf),
                  recipe.data.packing, attention, "chunked cross-entropy over trained positions" if method == "sft" else f"TRL {method.upper()} loss",
                  "glibc, freed memory reused" if loaded.device == "cpu" and reuse_freed_memory(dry_run=True) else "default",
-                 cpu_threads() if loaded.device == "cpu" else None)
+                 cpu_threads() if loaded.device == "cpu" else None,
+                 CHEAP_DROPOUT if loaded.device == "cpu" and recipe.lora.dropout > 0 else "torch")
 
 
 def gradient_checkpointing(setting, device: str, n_params: int, method: str) -> bool:
@@ -78,6 +81,8 @@ def apply(base_model, peft_model, settings: RunSettings) -> None:
     if settings.attention == VARLEN:
         use_varlen_attention(base_model)
     lora_input_casting(peft_model, enabled=settings.dtype == "float32")  # bf16/fp16 train under autocast
+    if settings.lora_dropout == CHEAP_DROPOUT:
+        cheap_lora_dropout(peft_model)
     if settings.allocator != "default":
         reuse_freed_memory()
     if settings.threads:
@@ -410,3 +415,53 @@ def lora_input_casting(model, enabled: bool) -> None:
     for m in model.modules():
         if isinstance(m, BaseTunerLayer):
             m.cast_input_dtype_enabled = enabled
+
+
+# ---- LoRA dropout on CPUs ----------------------------------------------------------------------------
+
+CHEAP_DROPOUT = "masks from 16-bit random slices"
+
+
+def _mask_dropout_class():
+    import torch
+
+    class MaskDropout(torch.nn.Dropout):
+        """nn.Dropout whose mask is cut from random 64-bit words, four 15-bit draws per word.
+
+        torch's CPU dropout draws one Bernoulli sample per element through the generator, which made mask
+        drawing 14 % of a LoRA SFT step (one mask per adapter input, 7 adapters a layer; bench profile in
+        docs/benchmarks.md); filling int64 words and comparing their 16-bit slices is ~3x cheaper. The drop
+        probability is rounded to a multiple of 1/32768 and the kept values scaled by its exact inverse, so
+        the expectation is unchanged. Same generator as torch's dropout: seeds and resumed RNG states apply."""
+
+        def forward(self, x):
+            if not self.training or self.p == 0:
+                return x
+            n = x.numel()
+            words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
+            # random_() leaves the sign bit of each word 0; masking every slice to 15 bits keeps all four uniform
+            draws = words.view(torch.int16)[:n].view(x.shape) & 0x7FFF
+            drop = round(self.p * 32768)
+            mask = (draws >= drop).to(x.dtype).mul_(32768 / (32768 - drop))
+            return x * mask
+
+    return MaskDropout
+
+
+_MASK_DROPOUT = None
+
+
+def cheap_lora_dropout(model) -> None:
+    """Replace every LoRA dropout module with MaskDropout (CPU training; CUDA's fused dropout is already cheap)."""
+    import torch
+
+    global _MASK_DROPOUT
+    if _MASK_DROPOUT is None:
+        _MASK_DROPOUT = _mask_dropout_class()
+    from peft.tuners.lora import LoraLayer
+
+    for m in model.modules():
+        if isinstance(m, LoraLayer):
+            for name, d in m.lora_dropout.items():
+                if isinstance(d, torch.nn.Dropout) and d.p > 0:
+                    m.lora_dropout[name] = _MASK_DROPOUT(d.p)
