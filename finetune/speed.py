@@ -442,8 +442,8 @@ def _mask_dropout_class():
             # random_() leaves the sign bit of each word 0; masking every slice to 15 bits keeps all four uniform
             draws = words.view(torch.int16)[:n].view(x.shape) & 0x7FFF
             drop = round(self.p * 32768)
-            mask = (draws >= drop).to(x.dtype).mul_(32768 / (32768 - drop))
-            return x * mask
+            keep = draws >= drop  # bool: backward keeps one byte per element, as torch's own dropout does
+            return (x * keep).mul_(32768 / (32768 - drop))
 
     return MaskDropout
 
