@@ -5,8 +5,9 @@ template `finetune export` copied from the merged folder), so a GGUF column answ
 the transformers columns answer; greedy continuation in llama.cpp with the transformers columns' stop rule.
 Benchmarks: an lm-evaluation-harness model (`TemplateLM`) whose log-likelihoods and greedy generations
 come from llama.cpp; the harness builds the requests, tokenizes them as it does for HFLM, aggregates and
-reports. The harness's own `gguf` model cannot be used: it needs prompt log-probabilities (`echo`), which
-llama.cpp's server does not return; the grammar technique of llamacpp.py gives them.
+reports. The harness's own `gguf` model is not used: it reads prompt log-probabilities from `/v1/completions`
+with `echo`, which llama.cpp's server refuses or answers with the generated token's only (ggml-org/llama.cpp
+issue 27174; the echo PRs 15189 and 17935 are unmerged); the grammar technique of llamacpp.py gives them.
 """
 
 from __future__ import annotations
