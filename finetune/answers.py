@@ -125,9 +125,8 @@ def summary(prompts: list[dict], answers: list[dict]) -> dict:
 def check(specs: list[str], prompts_path: Path, max_new_tokens: int, out: Path) -> list[dict]:
     if max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
-    for s in specs:
-        if llamacpp.is_gguf_file(s):
-            raise UserError(f"{s}: answers are generated with transformers — pass the merged folder the GGUF was exported from")
+    if any(llamacpp.is_gguf_file(s) for s in specs):
+        llamacpp.require()  # a GGUF answers in llama.cpp: its wheel is checked before any model loads
     if len(set(specs)) < len(specs):
         raise UserError("--prompts: a model is listed twice — answers and verdicts are kept per model, so name each once")
     if out.exists() and not out.is_dir():
@@ -138,14 +137,19 @@ def check(specs: list[str], prompts_path: Path, max_new_tokens: int, out: Path) 
 def answer_all(specs: list[str], prompts: list[dict], *, max_new_tokens: int, quantization: str | None, dtype: str) -> dict:
     by_model = {}
     for spec in specs:
-        loaded, _ = models.load_any(spec, quantization=quantization, dtype=dtype, log=err.print)
-        data.ensure_chat_template(loaded.tokenizer)
-        got = generate_all(loaded, prompts, max_new_tokens)
+        if llamacpp.is_gguf_file(spec):  # same prompts, settings and stop rule, generated in llama.cpp
+            from finetune import gguf_eval
+
+            got = gguf_eval.generate_all(Path(spec), prompts, max_new_tokens)
+        else:
+            loaded, _ = models.load_any(spec, quantization=quantization, dtype=dtype, log=err.print)
+            data.ensure_chat_template(loaded.tokenizer)
+            got = generate_all(loaded, prompts, max_new_tokens)
+            del loaded
         for p, a in zip(prompts, got):
             if p["reference"] is not None:
                 a["metrics"] = reference_metrics(a["text"], p["reference"])
         by_model[spec] = got
-        del loaded
     return by_model
 
 

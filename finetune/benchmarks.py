@@ -105,8 +105,13 @@ def evaluate_model(spec: str, tasks: dict, manager, *, batch_size: int, limit: f
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    loaded, adapter = models.load_any(spec, quantization=quantization, dtype=dtype, log=err.print)
-    lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, device=str(loaded.model.device), batch_size=batch_size)
+    if llamacpp.is_gguf_file(spec):  # scored in llama.cpp; the harness still builds requests and aggregates
+        from finetune import gguf_eval
+
+        lm, adapter = gguf_eval.harness_model(Path(spec)), None
+    else:
+        loaded, adapter = models.load_any(spec, quantization=quantization, dtype=dtype, log=err.print)
+        lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, device=str(loaded.model.device), batch_size=batch_size)
     out = simple_evaluate(model=lm, tasks=list(tasks.values()), task_manager=manager, limit=limit, log_samples=False,
                           bootstrap_iters=1000, apply_chat_template=chat_template, verbosity="ERROR")
     scores = {}
@@ -119,17 +124,21 @@ def evaluate_model(spec: str, tasks: dict, manager, *, batch_size: int, limit: f
                 stderr = res.get(f"{metric}_stderr,{filt}")
                 if isinstance(stderr, (int, float)):
                     scores[task][f"{metric}_stderr"] = stderr
-    return {"model": spec, "kind": "adapter" if adapter else "model", "tasks": scores}
+    return {"model": spec, "kind": "gguf" if llamacpp.is_gguf_file(spec) else "adapter" if adapter else "model", "tasks": scores}
 
 
 def run(specs: list[str], task_names: list[str], *, batch_size: int | None, limit: float | None, quantization: str | None,
         dtype: str, chat_template: bool, as_json: bool) -> list[dict]:
     if not task_names:
         raise UserError("--tasks: name at least one task, e.g. --tasks pico_sky")
-    for s in specs:
-        if llamacpp.is_gguf_file(s):
-            raise UserError(f"{s}: benchmarks run on transformers models — pass the merged folder the GGUF was exported from")
+    ggufs = [s for s in specs if llamacpp.is_gguf_file(s)]
+    if ggufs:
+        llamacpp.require()
     tasks, manager = build_tasks(task_names)
+    if ggufs:
+        from finetune import gguf_eval
+
+        gguf_eval.check_tasks(ggufs[0], tasks)
     results = [evaluate_model(s, tasks, manager, batch_size=batch_size or 8, limit=limit, quantization=quantization,
                               dtype=dtype, chat_template=chat_template) for s in specs]
     ref = results[0]

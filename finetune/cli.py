@@ -216,7 +216,7 @@ def inspect(
 
 @app.command("eval")
 def eval_(
-    models: Annotated[list[str], typer.Argument(help="Bases, adapter folders or merged folders to compare (the first is the reference).")],
+    models: Annotated[list[str], typer.Argument(help="Bases, adapter folders, merged folders or .gguf files to compare (the first is the reference).")],
     data: Annotated[Optional[Path], typer.Option(help="Held-out data for perplexity: .txt / text column, or chat / instruction data.")] = None,
     tasks: Annotated[Optional[str], typer.Option(help="lm-evaluation-harness tasks, comma-separated: names (pico_sky ships here) or task YAML paths.")] = None,
     prompts: Annotated[Optional[Path], typer.Option(help="Prompts (any data format; references optional): greedy answers side by side, answers.jsonl + report.html.")] = None,

@@ -94,14 +94,19 @@ class Llama:
         return out
 
     def token_logprobs_window(self, window: list[int]) -> list[float]:
-        """log p(window[i] | window[:i]) for i >= 1, in one sequence.
+        """log p(window[i] | window[:i]) for i >= 1, in one sequence."""
+        return [lp for lp, _ in self.scored(window)]
+
+    def scored(self, window: list[int], start: int = 1) -> list[tuple[float, int | None]]:
+        """(log p(window[i] | window[:i]), the model's most likely token at i) for i >= start, in one sequence.
 
         Runs of ordinary tokens are forced by a grammar of their ids. An end-of-generation token (a chat
         turn's end) cannot be forced that way: llama.cpp's grammar sampler only admits one when the grammar is
         complete, so it is scored with an empty grammar (only end-of-generation tokens allowed) and the other
-        end-of-generation tokens banned."""
-        out: list[float] = []
-        pos = 1
+        end-of-generation tokens banned. The most likely token is read from the raw logits too (the grammar
+        does not restrict what `n_probs` reports)."""
+        out: list[tuple[float, int | None]] = []
+        pos = max(1, start)
         while pos < len(window):
             if window[pos] in self.eog:
                 run = window[pos:pos + 1]
@@ -118,7 +123,7 @@ class Llama:
                 # llama.cpp reports no probability for a token that ends inside a UTF-8 character
                 raise UserError("llama.cpp cannot score this text token by token (a token ends inside a multi-byte "
                                 "character) — use plain ASCII text for GGUF perplexity")
-            out += [c["logprob"] for c in probs]
+            out += [(c["logprob"], (c.get("top_logprobs") or [{}])[0].get("id")) for c in probs]
             pos += len(run)
         return out
 

@@ -275,6 +275,8 @@ CASES = [
     Case("eval-adapter-base-missing", "eval of an adapter whose base is gone", "its base cannot be loaded",
          lambda t, m: ["eval", orphan_adapter(t), "--data", text(t, "x.txt", "a b c")]),
     Case("eval-max-length", "eval window of 1 token", "Invalid value for '--max-length'", lambda t, m: ["eval", m, "--data", text(t, "x.txt", "a b"), "--max-length", "1"]),
+    Case("eval-gguf-sampled-task", "a task that samples its answers, asked of a GGUF file", "a GGUF file",
+         lambda t, m: ["eval", m, text(t, "m.gguf", "not read: refused before loading"), "--tasks", sampled_task(t)]),
     # merge
     Case("merge-not-adapter", "merge of a folder that is not an adapter", "not an adapter folder", lambda t, m: ["merge", t, "--out", t / "merged"]),
     Case("merge-out-exists", "merge into an existing folder without --overwrite", "already exists",
@@ -338,6 +340,13 @@ CASES = [
     Case("grpo-reward-model-other-base", "a reward model trained on another base", "was trained on base",
          lambda t, m: ["grpo", prompts_recipe(t, m, grpo=grpo_section(rewards=[{"type": "model", "model": str(seq_cls_adapter(t, other_base(t, m)))}]))]),
 ]
+
+
+def sampled_task(tmp: Path) -> Path:
+    text(tmp, "s.jsonl", '{"q": "who are you", "a": "pico"}\n')
+    return text(tmp, "s.yaml", "task: s\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: s.jsonl\ntest_split: test\n"
+                "output_type: generate_until\ndoc_to_text: '{{q}}'\ndoc_to_target: '{{a}}'\n"
+                "generation_kwargs:\n  do_sample: true\nmetric_list:\n  - metric: exact_match\n")
 
 
 def grpo_section(**keys) -> dict:
