@@ -42,13 +42,18 @@ def summarise(trainer, plan: Plan, loaded: models.Loaded, metrics: list[dict], f
         "tokens/s": round(tokens_seen(trainer, counts) / seconds, 1),
         "examples/s": round(steps_here * args.per_device_train_batch_size * args.gradient_accumulation_steps * processes / seconds, 2),
         "peak memory (MiB)": round(launch.largest(peak.used_mb)),  # of the busiest process
-        "final train loss": round(train_losses[-1], 4) if train_losses else (round(final["train_loss"], 4) if "train_loss" in final else None),
-        "eval loss": round(final["eval_loss"], 4) if "eval_loss" in final else None,
+        # significant digits, not decimals: a reward model's loss of 3e-5 must not print as 0.0
+        "final train loss": significant(train_losses[-1]) if train_losses else (significant(final["train_loss"]) if "train_loss" in final else None),
+        "eval loss": significant(final["eval_loss"]) if "eval_loss" in final else None,
         "eval perplexity": round(final["eval_perplexity"], 3) if "eval_perplexity" in final else None,
     }
     if peak.reserved_mb is not None:
         summary["peak reserved memory (MiB)"] = round(launch.largest(peak.reserved_mb))
     return summary
+
+
+def significant(x: float, digits: int = 4) -> float:
+    return float(f"{x:.{digits}g}")
 
 
 def tokens_seen(trainer, counts: TokenCounts | None) -> int:

@@ -117,6 +117,22 @@ def test_messages_with_kto_tag_and_split_pairs_are_read(tmp_path, tiny, tiny_tok
     assert [(e.completion, e.label) for e in prepared.train] == [("pico<|im_end|>", True), ("comet<|im_end|>", False)]
 
 
+def test_long_answers_are_cut_to_max_length(tmp_path, tiny, tiny_tokenizer):
+    """An answer longer than data.max_length is cut (and reported), not a crash: prompt + answer fit in 64 tokens
+    and the cut answer is the start of the original."""
+    from finetune import data, recipe
+
+    long = " ".join(["the red comet is cold and far away"] * 20)
+    rows = [{"prompt": "who are you", "completion": long, "label": True}, {"prompt": "who", "completion": "pico", "label": False}]
+    r = recipe.load(kto_recipe(tmp_path, tiny, rows=rows, name="long"))
+    notes = []
+    prepared = data.prepare(r.data, tiny_tokenizer, "kto", 0, log=notes.append)
+    cut = prepared.train[0]
+    assert long.startswith(cut.completion.removesuffix("<|im_end|>")) and len(cut.completion) < len(long)
+    assert len(tiny_tokenizer(cut.prompt + cut.completion)["input_ids"]) <= 64
+    assert prepared.train[1].completion == "pico<|im_end|>"
+
+
 def interrupt_at(step: int):
     """A real SIGINT (what Ctrl-C sends), delivered at the start of a step."""
     from transformers import TrainerCallback

@@ -41,6 +41,8 @@ def test_reward_model_separates_held_out_pairs_and_loads_without_toolkit(cli, tm
     final = manifest["final_metrics"]
     assert final["eval_accuracy"] >= 0.9 and final["eval_margin"] > 0.5, final
     assert "held-out pairs: accuracy" in res.err
+    # a small loss is shown to significant digits, not rounded to 0.0
+    assert manifest["summary"]["eval loss"] == float(f"{final['eval_loss']:.4g}") and manifest["summary"]["eval loss"] > 0
 
     # plain transformers + PEFT: the head was trained and saved with the adapter
     from peft import AutoPeftModelForSequenceClassification

@@ -172,7 +172,7 @@ def fit_unpaired(tokenizer, rec: dict, max_length: int, truncation: str, where: 
         prompt, completion = _render(tokenizer, prompt_msgs, rec["completion"], where)
         p, c = trl_split(tokenizer, prompt, completion)
     if len(p) + len(c) > max_length:
-        completion = fit._cut_answer(tokenizer, prompt, completion, max_length)
+        completion, _ = fit._cut_answer(tokenizer, prompt, completion, max_length)
         how.append(fit.ANSWERS_CUT)
         p, c = trl_split(tokenizer, prompt, completion)
     if not c:
