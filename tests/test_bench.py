@@ -69,18 +69,22 @@ def test_llama_1b_shape_builds_and_trains_one_step(tiny, tmp_path):
         assert res["versions"]["transformers"]
 
 
+def run_method_bench(tiny, work, *args) -> tuple[dict, str]:
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "methods.py"), "--quick", "--model-path", str(tiny), "--work", str(work), *args],
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    return json.loads((work / "report.json").read_text()), done.stdout
+
+
 @pytest.mark.slow
 def test_method_legs_train_a_step_each_on_the_tiny_model(tiny, tmp_path):
-    """bench/methods.py --quick on the tiny model: for every method, finetune's leg and plain TRL's leg each train a step
-    in their own process with a finite loss; the report has both sides' speed and memory and finetune's speed settings,
-    the flipped leg reverses finetune's gradient-checkpointing choice, and nothing is written to bench/results."""
+    """bench/methods.py --quick on the tiny model: for reward, GRPO and ORPO, finetune's leg and plain TRL's leg each
+    train a step in their own process with a finite loss; the report has both sides' speed and memory and finetune's
+    speed settings, the flipped leg reverses finetune's gradient-checkpointing choice, nothing goes to bench/results."""
     results = REPO / "bench" / "results"
     before = set(results.iterdir())
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "methods.py"), "--quick", "--model-path", str(tiny), "--work", str(tmp_path),
-                           "--gc-leg", "reward"], env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=1800)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    report = json.loads((tmp_path / "report.json").read_text())
-    for method, loss in (("reward", "TRL REWARD loss"), ("grpo", "TRL GRPO loss"), ("kto", "TRL KTO loss"), ("orpo", "TRL ORPO loss")):
+    report, out = run_method_bench(tiny, tmp_path, "--only", "reward,grpo,orpo", "--gc-leg", "reward")
+    for method, loss in (("reward", "TRL REWARD loss"), ("grpo", "TRL GRPO loss"), ("orpo", "TRL ORPO loss")):
         r = report[method]
         for side in ("toolkit", "baseline"):
             assert r[side]["processes"] == 1 and r[side]["per_s"] > 0 and r[side]["peak_mb"] > 0, (method, side)
@@ -90,5 +94,14 @@ def test_method_legs_train_a_step_each_on_the_tiny_model(tiny, tmp_path):
         assert r["ratio_per_s"] == pytest.approx(r["toolkit"]["per_s"] / r["baseline"]["per_s"])
     assert report["grpo"]["toolkit"]["mean_reward"] >= 0 and report["grpo"]["baseline"]["mean_reward"] >= 0
     assert report["reward"]["flipped"]["gradient_checkpointing"] != report["reward"]["toolkit"]["gradient_checkpointing"]
-    assert f"| ORPO ({4} pairs a step) | finetune |" in done.stdout  # the docs table is printed
+    assert "| ORPO (4 pairs a step) | finetune |" in out  # the docs table is printed
     assert set(results.iterdir()) == before
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="finetune kto fails on prompt/completion/label string rows (\"can only concatenate str (not tuple) to str\" in "
+                   "finetune/data/unpaired.trl_split, reached from fit_unpaired); remove this mark once fixed")
+def test_kto_legs_train_a_step_on_the_tiny_model(tiny, tmp_path):
+    report, _ = run_method_bench(tiny, tmp_path, "--only", "kto")
+    for side in ("toolkit", "baseline"):
+        assert report["kto"][side]["per_s"] > 0 and math.isfinite(report["kto"][side]["final_loss"])
