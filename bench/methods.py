@@ -1,12 +1,18 @@
-"""Speed of the reward and GRPO commands against the same method in plain TRL + PEFT (same data, settings, steps).
+"""Speed of the reward, GRPO, KTO and ORPO commands against the same method in plain TRL + PEFT (same data, LoRA,
+batch, max_length, learning rate and steps).
 
-    .venv/bin/python bench/methods.py                   # CPU, built-in base, a few steps per side
-    .venv/bin/python bench/methods.py --quick           # one step per side (smoke)
-    .venv/bin/python bench/methods.py --only reward
+    .venv/bin/python bench/methods.py                      # every method, 3 interleaved rounds, built-in base, CPU
+    .venv/bin/python bench/methods.py --quick              # one step of each leg, one round, nothing written (smoke)
+    .venv/bin/python bench/methods.py --only reward,kto --rounds 3 --steps 4
+    .venv/bin/python bench/methods.py --gc-leg reward,kto  # also finetune with gradient checkpointing flipped
 
-Each side runs in its own subprocess (clean peak memory), baseline and toolkit alternating, so the ratios
-compare like with like on a shared machine. The toolkit side calls the same `build` the command runs.
-Results go to bench/results/methods-<date>.json and are printed as table rows for docs/benchmarks.md.
+The harness is bench/run.py's: every leg runs in its own process (`methods.py one LEG ...`, clean peak memory),
+the legs of a method interleaved round after round, each process's median step (its first, warm-up step left
+out) and the median over rounds. The toolkit leg calls the same `build` the command runs; the baseline is the
+TRL trainer + `LoraConfig` as TRL's docs show it, TRL's defaults otherwise (gradient checkpointing on, fp32).
+The flipped leg runs the toolkit with its automatic gradient-checkpointing choice reversed: the measurement
+behind that choice (finetune/speed.py). Results: bench/results/methods-<device>-<date>.json and the methods
+section of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -15,211 +21,273 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import BASE, ROOT, StepTimer, bench_data, peak_mb  # noqa: E402
+from run import BASE, ROOT, StepTimer, bench_data, fmt_spread, interleaved, measure, one, peak_mb, spread, step_stats  # noqa: E402
 
+LR = 2e-4  # the recipes' rate, both sides; TRL's own defaults (1e-6 for KTO and GRPO) would leave the losses flat
 GROUP = 4  # GRPO answers per prompt
 COMPLETION = 32  # GRPO tokens generated per answer
+# what one example is, and how many make a step (GRPO: two prompts of GROUP answers each)
+UNIT = {"reward": "pairs", "grpo": "answers", "kto": "answers", "orpo": "pairs"}
+BATCH = {"reward": 4, "grpo": 2 * GROUP, "kto": 4, "orpo": 4}
+SECTION = {"reward": {}, "kto": {}, "orpo": {},
+           "grpo": {"rewards": [{"type": "length", "target": 100}], "num_generations": GROUP, "max_completion_length": COMPLETION}}
 
 
 def length_reward(completions, **kw):
-    """The rule reward both GRPO sides use: closeness to 100 characters."""
+    """The baseline's rule reward, what finetune's `{type: length, target: 100}` computes: closeness to 100 characters."""
     text = [c[0]["content"] if isinstance(c, list) else c for c in completions]
     return [max(0.0, 1 - abs(len(t) - 100) / 100) for t in text]
 
 
-# ---- one side (runs in a subprocess) -------------------------------------------------------------
+def unpaired(rows: list[dict]) -> list[dict]:
+    """Each pair as a desirable and an undesirable answer (KTO's data, for both sides)."""
+    return [x for r in rows for x in ({"prompt": r["prompt"], "completion": r["chosen"], "label": True},
+                                      {"prompt": r["prompt"], "completion": r["rejected"], "label": False})]
 
 
-def reward_side(args, toolkit: bool) -> dict:
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def method_data(method: str, work: Path) -> Path:
+    """The bench's 24 preference pairs (bench/run.py's bench_data) in the shape each method reads."""
+    pairs = [json.loads(line) for line in (work / "bench_dpo.jsonl").read_text().splitlines()]
+    if method == "kto":
+        return write_jsonl(work / "bench_kto.jsonl", unpaired(pairs))
+    if method == "grpo":
+        return write_jsonl(work / "bench_grpo.jsonl", [{"prompt": p["prompt"]} for p in pairs])
+    return work / "bench_dpo.jsonl"
+
+
+# ---- one leg (runs in a subprocess) ----------------------------------------------------------------
+
+
+def toolkit_trainer(method: str, args, gc: str, timer):
+    """The trainer `finetune <method>` builds for the bench recipe; `gc` on/off overrides its automatic choice."""
+    from importlib import import_module
+
+    from finetune import recipe as recipes
+
+    training = {"max_steps": args.steps, "batch_size": args.batch, "log_every": 1, "seed": 0, "warmup_ratio": 0.0, "learning_rate": LR}
+    if gc != "auto":
+        training["gradient_checkpointing"] = gc == "on"
+    r = recipes.Recipe.model_validate({
+        "model": {"base": args.model_path, "quantization": args.quant, "device": args.device}, "lora": {"r": 16, "alpha": 32},
+        "data": {"train": args.data, "max_length": args.max_length}, method: SECTION[method], "training": training})
+    built = import_module(f"finetune.{method}").build(r, Path(args.work), [timer])  # the same steps the command runs
+    return built.trainer, built.settings
+
+
+def baseline_trainer(method: str, args, timer):
+    """What a user writes from TRL's docs: the method's trainer + a LoraConfig, TRL's defaults otherwise."""
     import datasets
-    from trl import RewardConfig, RewardTrainer
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    timer = StepTimer()
-    if toolkit:
-        from finetune import recipe as recipes
-        from finetune import reward
+    path = args.model_path
+    rows = [json.loads(line) for line in open(args.data)]
+    common = dict(output_dir=args.work, max_steps=args.steps, per_device_train_batch_size=args.batch, learning_rate=LR, logging_steps=1,
+                  save_strategy="no", report_to=[], seed=0, use_cpu=args.device == "cpu", disable_tqdm=True)
+    lora = dict(r=16, lora_alpha=32, target_modules="all-linear")
+    tok = AutoTokenizer.from_pretrained(path)
 
-        r = recipes.Recipe.model_validate({
-            "model": {"base": BASE, "quantization": args.quant, "device": args.device}, "lora": {"r": 16, "alpha": 32},
-            "data": {"train": args.data, "max_length": args.max_length}, "reward": {},
-            "training": {"max_steps": args.steps, "batch_size": args.batch, "log_every": 1, "seed": 0, "warmup_ratio": 0.0}})
-        trainer = reward.build(r, Path(args.work), [timer]).trainer  # the same steps `finetune reward` runs
-    else:
-        from peft import LoraConfig
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    def chat(role: str, text: str) -> list[dict]:
+        return [{"role": role, "content": text}]
 
-        from finetune.models import resolve_base
+    if method == "reward":
+        from trl import RewardConfig, RewardTrainer
 
-        path = resolve_base(BASE, log=lambda s: None).path
-        rows = [json.loads(line) for line in open(args.data)]
-        ds = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": x["prompt"]}],
-                                          "chosen": [{"role": "assistant", "content": x["chosen"]}],
-                                          "rejected": [{"role": "assistant", "content": x["rejected"]}]} for x in rows])
-        config = RewardConfig(output_dir=args.work, max_steps=args.steps, per_device_train_batch_size=args.batch, max_length=args.max_length,
-                              logging_steps=1, save_strategy="no", report_to=[], seed=0, use_cpu=args.device == "cpu", disable_tqdm=True)
-        trainer = RewardTrainer(model=AutoModelForSequenceClassification.from_pretrained(path, num_labels=1), args=config, train_dataset=ds,
-                                processing_class=AutoTokenizer.from_pretrained(path), callbacks=[timer],
-                                peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="SEQ_CLS"))
-    trainer.train()
-    return {"times": timer.times, "losses": timer.losses, "peak_mb": peak_mb(args.device)}
+        ds = [{"prompt": chat("user", x["prompt"]), "chosen": chat("assistant", x["chosen"]), "rejected": chat("assistant", x["rejected"])}
+              for x in rows]
+        return RewardTrainer(model=AutoModelForSequenceClassification.from_pretrained(path, num_labels=1),
+                             args=RewardConfig(**common, max_length=args.max_length), train_dataset=datasets.Dataset.from_list(ds),
+                             processing_class=tok, callbacks=[timer], peft_config=LoraConfig(**lora, task_type="SEQ_CLS"))
+    model = AutoModelForCausalLM.from_pretrained(path)
+    peft = LoraConfig(**lora, task_type="CAUSAL_LM")
+    if method == "grpo":
+        from trl import GRPOConfig, GRPOTrainer
 
+        config = GRPOConfig(**common, num_generations=GROUP, max_completion_length=COMPLETION)
+        return GRPOTrainer(model=model, reward_funcs=[length_reward], args=config, processing_class=tok, callbacks=[timer], peft_config=peft,
+                           train_dataset=datasets.Dataset.from_list([{"prompt": chat("user", x["prompt"])} for x in rows]))
+    if method == "kto":
+        from trl import KTOConfig, KTOTrainer
 
-def grpo_side(args, toolkit: bool) -> dict:
-    import datasets
-    from trl import GRPOConfig, GRPOTrainer
+        ds = [{"prompt": chat("user", x["prompt"]), "completion": chat("assistant", x["completion"]), "label": x["label"]} for x in rows]
+        return KTOTrainer(model=model, args=KTOConfig(**common, max_length=args.max_length), train_dataset=datasets.Dataset.from_list(ds),
+                          processing_class=tok, callbacks=[timer], peft_config=peft)
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-    timer = StepTimer()
-    rewards_logged: list[float] = []
-    if toolkit:
-        from finetune import grpo
-        from finetune import recipe as recipes
-
-        r = recipes.Recipe.model_validate({
-            "model": {"base": BASE, "quantization": args.quant, "device": args.device}, "lora": {"r": 16, "alpha": 32},
-            "data": {"train": args.data, "max_length": args.max_length},
-            "grpo": {"rewards": [{"type": "length", "target": 100}], "num_generations": GROUP, "max_completion_length": COMPLETION},
-            "training": {"max_steps": args.steps, "batch_size": args.batch, "log_every": 1, "seed": 0, "warmup_ratio": 0.0}})
-        trainer = grpo.build(r, Path(args.work), [timer]).trainer  # the same steps `finetune grpo` runs
-    else:
-        from peft import LoraConfig
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from finetune.models import resolve_base
-
-        path = resolve_base(BASE, log=lambda s: None).path
-        rows = [json.loads(line) for line in open(args.data)]
-        ds = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": x["prompt"]}]} for x in rows])
-        config = GRPOConfig(output_dir=args.work, max_steps=args.steps, per_device_train_batch_size=args.batch, num_generations=GROUP,
-                            max_completion_length=COMPLETION, logging_steps=1, save_strategy="no", report_to=[], seed=0,
-                            use_cpu=args.device == "cpu", disable_tqdm=True)
-        trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(path), reward_funcs=[length_reward], args=config, train_dataset=ds,
-                              processing_class=AutoTokenizer.from_pretrained(path), callbacks=[timer],
-                              peft_config=LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
-    trainer.train()
-    rewards_logged = [h["reward"] for h in trainer.state.log_history if "reward" in h]
-    return {"times": timer.times, "losses": timer.losses, "rewards": rewards_logged, "peak_mb": peak_mb(args.device)}
+    ds = [{"prompt": chat("user", x["prompt"]), "chosen": chat("assistant", x["chosen"]), "rejected": chat("assistant", x["rejected"])}
+          for x in rows]
+    return ORPOTrainer(model=model, args=ORPOConfig(**common, max_length=args.max_length), train_dataset=datasets.Dataset.from_list(ds),
+                       processing_class=tok, callbacks=[timer], peft_config=peft)
 
 
-ONE = {"reward-toolkit": lambda a: reward_side(a, True), "reward-baseline": lambda a: reward_side(a, False),
-       "grpo-toolkit": lambda a: grpo_side(a, True), "grpo-baseline": lambda a: grpo_side(a, False)}
+def leg(method: str, side: str, gc: str = "auto"):
+    """The function that runs one leg in the child process: `side` toolkit or baseline."""
+
+    def run_leg(args) -> dict:
+        from dataclasses import asdict
+
+        timer = StepTimer(args.device)
+        settings = None
+        if side == "toolkit":
+            trainer, settings = toolkit_trainer(method, args, gc, timer)
+        else:
+            trainer = baseline_trainer(method, args, timer)
+        trainer.train()
+        history = trainer.state.log_history
+        tokens = [h["num_tokens"] for h in history if "num_tokens" in h]
+        return {"times": timer.times, "losses": timer.losses, "peak_mb": peak_mb(args.device), "examples_per_step": args.batch,
+                "gradient_checkpointing": bool(trainer.args.gradient_checkpointing), "dtype": str(trainer.model.dtype).removeprefix("torch."),
+                "tokens": tokens[-1] if tokens else None, "rewards": [h["reward"] for h in history if "reward" in h],
+                "speed": asdict(settings) if settings else None}
+
+    return run_leg
 
 
-def one(argv: list[str]) -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("what", choices=ONE)
-    p.add_argument("--data", required=True)
-    p.add_argument("--work", default="/tmp/finetune-bench-methods")
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--max-length", type=int, default=512)
-    p.add_argument("--quant", default="none")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", required=True)
-    a = p.parse_args(argv)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    Path(a.work).mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(ONE[a.what](a)))
+# toolkit-gc-on / -off: the flipped leg, whichever its automatic choice is not
+LEGS = {f"{m}-{name}": leg(m, side, gc) for m in UNIT
+        for name, side, gc in (("baseline", "baseline", "auto"), ("toolkit", "toolkit", "auto"),
+                               ("toolkit-gc-on", "toolkit", "on"), ("toolkit-gc-off", "toolkit", "off"))}
 
 
-# ---- the legs ------------------------------------------------------------------------------------
+# ---- the suite -------------------------------------------------------------------------------------
 
 
-def measure(what: str, out_dir: Path, **opts) -> dict:
-    out = out_dir / f"{what}-{time.time_ns()}.json"
-    cmd = [sys.executable, __file__, "one", what, "--out", str(out)] + [x for k, v in opts.items() for x in (f"--{k.replace('_', '-')}", str(v))]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-    return json.loads(out.read_text())
+def bench_method(method: str, ctx) -> dict:
+    """Baseline, toolkit (and the toolkit with gradient checkpointing flipped) of one method, interleaved per round."""
+    data = method_data(method, ctx["work"])
+    names = ["baseline", "toolkit"] + (["flipped"] if method in ctx["gc_leg"] else [])
+    runs: dict = {k: [] for k in names}
+    auto_gc = None
+    for r, name in interleaved(names, ctx["rounds"]):
+        what = f"{method}-{name}"
+        if name == "flipped":  # the toolkit leg ran before it in the first round and reported its automatic choice
+            what = f"{method}-toolkit-gc-{'off' if auto_gc else 'on'}"
+        res = measure(what, ctx["raw"], script=__file__, data=data, steps=ctx["steps"], batch=BATCH[method], max_length=ctx["max_length"],
+                      quant=ctx["quant"], device=ctx["device"], model_path=ctx["model_path"], work=ctx["work"] / f"{method}-{name}")
+        if name == "toolkit":
+            auto_gc = res["gradient_checkpointing"]
+        res.update(step_stats(res, skip=1 if ctx["steps"] > 2 else 0))
+        runs[name].append(res)
+        print(f"{method} {name} round {r}: median step {res['median_step_s']:.2f}s, gc {res['gradient_checkpointing']}, "
+              f"losses {[round(x, 4) for x in res['losses']]}, peak {res['peak_mb']:.0f} MiB", flush=True)
 
+    def summarise(rs: list[dict]) -> dict:
+        per_s = [BATCH[method] / x["median_step_s"] for x in rs]
+        out = {"median_step_s": statistics.median(x["median_step_s"] for x in rs), "step_s": spread(x["median_step_s"] for x in rs),
+               "per_s": statistics.median(per_s), "per_s_spread": spread(per_s), "peak_mb": max(x["peak_mb"] for x in rs),
+               "peak_mb_each": [round(x["peak_mb"]) for x in rs], "gradient_checkpointing": rs[0]["gradient_checkpointing"],
+               "dtype": rs[0]["dtype"], "first_loss": statistics.mean(x["losses"][0] for x in rs),
+               "final_loss": statistics.mean(x["losses"][-1] for x in rs), "processes": len(rs)}
+        if any(x["rewards"] for x in rs):
+            out["mean_reward"] = statistics.mean(statistics.mean(x["rewards"]) for x in rs if x["rewards"])
+        return out
 
-def median_step(res: dict) -> float:
-    return statistics.median(res["times"][1:] or res["times"])  # the first step carries one-time set-up
-
-
-def bench_reward(ctx) -> dict:
-    d = {}
-    for side in ("baseline", "toolkit"):
-        res = measure(f"reward-{side}", ctx["raw"], data=ctx["work"] / "bench_dpo.jsonl", steps=ctx["steps"], batch=4,
-                      quant=ctx["quant"], device=ctx["device"], work=ctx["work"] / f"reward-{side}")
-        med = median_step(res)
-        d[side] = {"median_step_s": med, "pairs_per_s": 4 / med, "peak_mb": res["peak_mb"], "final_loss": res["losses"][-1]}
-        print(f"reward {side}: median step {med:.2f}s, final loss {res['losses'][-1]:.4f}, peak {res['peak_mb']:.0f} MiB")
-    out = {**d, "ratio_pairs_per_s": d["toolkit"]["pairs_per_s"] / d["baseline"]["pairs_per_s"],
-           "ratio_peak_memory": d["toolkit"]["peak_mb"] / d["baseline"]["peak_mb"]}
-    print(f"reward: {out['ratio_pairs_per_s']:.2f}x pairs/s, memory ratio {out['ratio_peak_memory']:.2f}")
+    out: dict = {k: summarise(v) for k, v in runs.items()}
+    t, b = out["toolkit"], out["baseline"]
+    out.update(unit=UNIT[method], batch=BATCH[method], speed_settings=runs["toolkit"][0]["speed"],
+               ratio_per_s=t["per_s"] / b["per_s"], ratio_peak_memory=t["peak_mb"] / b["peak_mb"])
+    if "flipped" in out:
+        out["ratio_auto_vs_flipped"] = t["per_s"] / out["flipped"]["per_s"]
+    print(f"{method}: {out['ratio_per_s']:.2f}x {UNIT[method]}/s against plain TRL+PEFT, peak memory {out['ratio_peak_memory']:.2f}x", flush=True)
     return out
 
 
-def bench_grpo(ctx) -> dict:
-    prompts = ctx["work"] / "bench_grpo.jsonl"
-    rows = [json.loads(line) for line in open(ctx["data"])][:32]
-    prompts.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows))
-    d = {}
-    for side in ("baseline", "toolkit"):
-        res = measure(f"grpo-{side}", ctx["raw"], data=prompts, steps=ctx["steps"], batch=2 * GROUP, quant=ctx["quant"],
-                      device=ctx["device"], work=ctx["work"] / f"grpo-{side}")
-        med = median_step(res)
-        d[side] = {"median_step_s": med, "answers_per_s": 2 * GROUP / med, "peak_mb": res["peak_mb"],
-                   "mean_reward": statistics.mean(res["rewards"]) if res["rewards"] else None}
-        print(f"grpo {side}: median step {med:.2f}s, mean reward {d[side]['mean_reward']}, peak {res['peak_mb']:.0f} MiB")
-    out = {**d, "ratio_answers_per_s": d["toolkit"]["answers_per_s"] / d["baseline"]["answers_per_s"],
-           "ratio_peak_memory": d["toolkit"]["peak_mb"] / d["baseline"]["peak_mb"]}
-    print(f"grpo: {out['ratio_answers_per_s']:.2f}x answers/s, memory ratio {out['ratio_peak_memory']:.2f}")
-    return out
-
-
-def table_rows(r: dict) -> list[str]:
-    """Rows for docs/benchmarks.md (same columns as bench/run.py's table)."""
-    lines = []
-    if "reward" in r:
-        w = r["reward"]
-        lines += [f"| reward model pairs/s | {w['toolkit']['pairs_per_s']:.2f} | {w['baseline']['pairs_per_s']:.2f} | **{w['ratio_pairs_per_s']:.2f}x** |",
-                  f"| reward model peak memory (MiB) | {w['toolkit']['peak_mb']:.0f} | {w['baseline']['peak_mb']:.0f} | {w['ratio_peak_memory']:.2f} |",
-                  f"| reward model final loss | {w['toolkit']['final_loss']:.4f} | {w['baseline']['final_loss']:.4f} | |"]
-    if "grpo" in r:
-        g = r["grpo"]
-        lines += [f"| GRPO answers/s ({GROUP} per prompt, {COMPLETION} new tokens) | {g['toolkit']['answers_per_s']:.2f} | "
-                  f"{g['baseline']['answers_per_s']:.2f} | **{g['ratio_answers_per_s']:.2f}x** |",
-                  f"| GRPO peak memory (MiB) | {g['toolkit']['peak_mb']:.0f} | {g['baseline']['peak_mb']:.0f} | {g['ratio_peak_memory']:.2f} |"]
+def table(report: dict) -> list[str]:
+    """The methods section's table for docs/benchmarks.md: one row per leg that ran."""
+    lines = ["| method | leg | gradient checkpointing | weights | examples/s, median (min-max) | median step (s) | peak MiB | "
+             "first → last loss | finetune is |", "|---|---|---|---|---|---|---|---|---|"]
+    for m in UNIT:
+        if m not in report:
+            continue
+        x = report[m]
+        for name, label in (("toolkit", "finetune"), ("baseline", "plain TRL + PEFT"), ("flipped", "finetune, checkpointing flipped")):
+            if name not in x:
+                continue
+            r = x[name]
+            ratio = (f"**{x['ratio_per_s']:.2f}x** {x['unit']}/s, {x['ratio_peak_memory']:.2f}x memory" if name == "toolkit" else
+                     f"auto {x['ratio_auto_vs_flipped']:.2f}x this leg's speed" if name == "flipped" else "")
+            lines.append(f"| {m.upper()} ({x['batch']} {x['unit']} a step) | {label} | {'on' if r['gradient_checkpointing'] else 'off'} | {r['dtype']} | "
+                         f"{fmt_spread(r['per_s_spread'], 2)} | {r['median_step_s']:.2f} | {r['peak_mb']:.0f} | "
+                         f"{r['first_loss']:.4f} → {r['final_loss']:.4f} | {ratio} |")
     return lines
 
 
-METHOD_BENCHES = {"reward": bench_reward, "grpo": bench_grpo}
+START, END = "<!-- methods -->", "<!-- /methods -->"
+
+
+def write_section(report: dict) -> None:
+    """Replace the methods table of docs/benchmarks.md (between its markers) with this run's; what is written
+    about it by hand goes after the end marker."""
+    s = report["settings"]
+    lines = [START, f"## Reward, GRPO, KTO, ORPO against plain TRL + PEFT · {report['suite']} · {report['date']} · {report['cpus']} cores", "",
+             f"`bench/methods.py --rounds {s['rounds']} --steps {s['steps']}`: medians over {s['rounds']} interleaved rounds (one process per "
+             f"leg and round; each process's median step, its first step left out). Base {s['base']}, max_length {s['max_length']}, LoRA "
+             f"{s['lora']}, learning rate {s['learning_rate']}, quantization {s['quantization']}; GRPO: {GROUP} answers of {COMPLETION} new "
+             f"tokens per prompt, length reward. Load average before / after: {report['load_average']} / {report.get('load_average_after')}. "
+             "Raw numbers in `bench/results/`.", ""] + table(report) + [""]
+    lines.append(END)
+    doc = ROOT / "docs" / "benchmarks.md"
+    text = doc.read_text()
+    if START in text and END in text:
+        text = text.split(START)[0] + "\n".join(lines) + text.split(END, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n\n" + "\n".join(lines) + "\n"
+    doc.write_text(text)
+
+
+METHOD_BENCHES = list(UNIT)
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "one":
-        return one(sys.argv[2:])
+        return one(sys.argv[2:], LEGS)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--quick", action="store_true", help="one step per side, nothing written")
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--quant", default="none", choices=["none", "4bit", "8bit"])
+    p.add_argument("--quick", action="store_true", help="one step of each leg, one round, nothing written (smoke)")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--quant", default="none", choices=["none", "4bit", "8bit"], help="quantization of the base, for every leg")
+    p.add_argument("--model-path", default="", help="a base folder (default: the built-in base)")
     p.add_argument("--work", default="/tmp/finetune-bench-methods")
     p.add_argument("--only", default="", help="comma-separated subset of: " + ",".join(METHOD_BENCHES))
-    args = p.parse_args()
-    work = Path(args.work)
+    p.add_argument("--gc-leg", default="", help="methods that also run finetune with gradient checkpointing flipped")
+    a = p.parse_args()
+    only = a.only.split(",") if a.only else METHOD_BENCHES
+    unknown = [m for m in only + (a.gc_leg.split(",") if a.gc_leg else []) if m not in UNIT]
+    if unknown:
+        p.error(f"unknown method(s) {unknown}: choose from {METHOD_BENCHES}")
+    work = Path(a.work)
     raw = work / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    ctx = {"device": args.device, "quant": args.quant, "steps": 2 if args.quick else args.steps, "work": work, "raw": raw,
-           "data": bench_data(work)}
-    report = {"suite": f"methods-{args.device}", "date": time.strftime("%Y-%m-%d %H:%M"), "steps": ctx["steps"], "base": BASE}
-    for name in (args.only.split(",") if args.only else list(METHOD_BENCHES)):
-        report[name] = METHOD_BENCHES[name](ctx)
-    print("\n".join(table_rows(report)))
-    if not args.quick:
-        results = ROOT / "bench" / "results"
-        results.mkdir(parents=True, exist_ok=True)
-        (results / f"{report['suite']}-{time.strftime('%Y%m%d-%H%M')}.json").write_text(json.dumps(report, indent=2) + "\n")
+    bench_data(work)  # bench_dpo.jsonl: 24 preference pairs, prompts and answers of varied length
+    ctx = {"device": a.device, "steps": 1 if a.quick else a.steps, "rounds": 1 if a.quick else a.rounds, "quant": a.quant,
+           "max_length": 512, "work": work, "raw": raw, "model_path": a.model_path,  # empty: each leg resolves the built-in base
+           "gc_leg": a.gc_leg.split(",") if a.gc_leg else []}
+    report: dict = {"suite": f"methods-{a.device}{'-quick' if a.quick else ''}", "date": time.strftime("%Y-%m-%d %H:%M"),
+                    "cpus": os.cpu_count(), "load_average": [round(x, 1) for x in os.getloadavg()],
+                    "settings": {"base": a.model_path or BASE, "max_length": ctx["max_length"], "lora": "r16 all-linear", "learning_rate": LR,
+                                 "steps": ctx["steps"], "rounds": ctx["rounds"], "quantization": a.quant}}
+    results = ROOT / "bench" / "results" / f"{report['suite']}-{time.strftime('%Y%m%d-%H%M')}.json"
+    for name in only:  # written after each method, so a failing leg later keeps the methods measured before it
+        report[name] = bench_method(name, ctx)
+        report["load_average_after"] = [round(x, 1) for x in os.getloadavg()]
+        (work / "report.json").write_text(json.dumps(report, indent=2) + "\n")  # every run's, a --quick one's too
+        if not a.quick:
+            results.parent.mkdir(parents=True, exist_ok=True)
+            results.write_text(json.dumps(report, indent=2) + "\n")
+            write_section(report)
+    print("\n".join(table(report)))
 
 
 if __name__ == "__main__":

@@ -417,9 +417,11 @@ ONE = {"sft-toolkit": sft_toolkit, "sft-baseline": sft_baseline, "sft-toolkit-tr
        "peak": lambda a: matmul_peak_gflops(a.device), "prepare": prepare_side}
 
 
-def one(argv: list[str]) -> None:
+def one(argv: list[str], legs: dict | None = None) -> None:
+    """Run one leg in this process and write its result (`legs`: another script's table, bench/methods.py's)."""
+    legs = legs or ONE
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=ONE)
+    p.add_argument("what", choices=legs)
     p.add_argument("--data", default="")
     p.add_argument("--work", default="/tmp/finetune-bench")
     p.add_argument("--steps", type=int, default=8)
@@ -444,15 +446,16 @@ def one(argv: list[str]) -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     Path(a.work).mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(ONE[a.what](a)))
+    Path(a.out).write_text(json.dumps(legs[a.what](a)))
 
 
 # ---- the suite -----------------------------------------------------------------------------------
 
 
-def measure(what: str, out_dir: Path, **opts) -> dict:
+def measure(what: str, out_dir: Path, script: str | None = None, **opts) -> dict:
+    """One leg in its own process (`script one WHAT --opt value ...`; this file unless another is named)."""
     out = out_dir / f"{what}-{time.time_ns()}.json"
-    cmd = [sys.executable, __file__, "one", what, "--out", str(out)] + [x for k, v in opts.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    cmd = [sys.executable, script or __file__, "one", what, "--out", str(out)] + [x for k, v in opts.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())

@@ -29,14 +29,14 @@ def run(recipe: Recipe, plan: Plan, callbacks: Sequence = ()) -> Path:
     training.begin(recipe, plan)
     built = build(recipe, plan.out / "checkpoints", callbacks)
     metrics = training.open_output(recipe, plan)
-    trained = training.train(built.trainer, recipe, plan, metrics)
+    trained = training.train(built.trainer, recipe, plan, metrics, built.counts)
     final = dict(metrics[-1]) if metrics else {}
     if built.prepared.validation:
         ev = final_eval(built)
         final.update(ev)
         metrics.append({"step": built.trainer.state.global_step, **ev})
     return publish.adapter(built.trainer, recipe, plan, built.loaded, built.prepared, built.settings, metrics, final,
-                           trained, None, started)
+                           trained, built.counts, started)
 
 
 @dataclass
@@ -45,6 +45,7 @@ class Built:
     prepared: data.Prepared
     settings: speed.RunSettings
     trainer: Any
+    counts: training.TokenCounts  # tokens trained on (TRL's ORPO logs no token count of its own)
 
 
 def build(recipe: Recipe, out: Path, callbacks: Sequence = ()) -> Built:
@@ -79,7 +80,8 @@ def build(recipe: Recipe, out: Path, callbacks: Sequence = ()) -> Built:
 
         # ORPOTrainer maps the data with a bound method datasets cannot hash: a one-off notice, not a problem
         datasets.utils.logging.set_verbosity_error()
-    trainer = make_trainer_class()(
+    counts = training.TokenCounts()
+    trainer = make_trainer_class(counts)(
         model=model,
         args=args,
         train_dataset=data.to_preference_dataset(prepared.train),
@@ -88,13 +90,31 @@ def build(recipe: Recipe, out: Path, callbacks: Sequence = ()) -> Built:
         callbacks=list(callbacks),
     )
     training.quiet_trainer(trainer)
-    return Built(loaded, prepared, settings, trainer)
+    return Built(loaded, prepared, settings, trainer, counts)
 
 
-def make_trainer_class():
+def make_trainer_class(counts: training.TokenCounts):
     from trl.experimental.orpo import ORPOTrainer
 
-    return training.guarded(ORPOTrainer)
+    class Trainer(training.guarded(ORPOTrainer)):
+        """ORPOTrainer that counts the tokens of each training batch into `counts`, for tokens/s in the progress
+        line and the run summary: unlike TRL's DPO and KTO trainers, its ORPO logs no `num_tokens`."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model.training:
+                count_tokens(counts, inputs)
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    Trainer.__name__ = Trainer.__qualname__ = ORPOTrainer.__name__
+    return Trainer
+
+
+def count_tokens(counts: training.TokenCounts, batch: dict) -> None:
+    """Real tokens: both sequences of each pair (prompt + answer, each runs through the model); trained: those
+    with a label (TRL's ORPO labels the answers and masks the prompts with -100)."""
+    for side in ("chosen", "rejected"):
+        counts.real += int(batch[f"{side}_attention_mask"].sum())
+        counts.trained += int((batch[f"{side}_labels"] != -100).sum())
 
 
 def final_eval(built: Built) -> dict:

@@ -31,6 +31,7 @@ def summarise(trainer, plan: Plan, loaded: models.Loaded, metrics: list[dict], f
     steps_here = trainer.state.global_step - trained.start_step
     seconds = max(trained.seconds, 1e-9)
     peak = peak_memory(loaded.device)
+    tokens = tokens_seen(trainer, counts)
     train_losses = [r["loss"] for r in metrics if "loss" in r]
     summary = {
         "steps": trainer.state.global_step,
@@ -39,7 +40,7 @@ def summarise(trainer, plan: Plan, loaded: models.Loaded, metrics: list[dict], f
         "trained tokens": int(launch.total(counts.trained)) if counts is not None else None,
         "wall time (s)": round(time.time() - started, 1),
         "train time (s)": round(trained.seconds, 2),
-        "tokens/s": round(tokens_seen(trainer, counts) / seconds, 1),
+        "tokens/s": round(tokens / seconds, 1) if tokens is not None else None,  # shown as "-": not 0 when nothing counted them
         "examples/s": round(steps_here * args.per_device_train_batch_size * args.gradient_accumulation_steps * processes / seconds, 2),
         "peak memory (MiB)": round(launch.largest(peak.used_mb)),  # of the busiest process
         # significant digits, not decimals: a reward model's loss of 3e-5 must not print as 0.0
@@ -56,13 +57,13 @@ def significant(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
 
 
-def tokens_seen(trainer, counts: TokenCounts | None) -> int:
-    """Real (non-padding) tokens processed by all processes: counted by our SFT trainer, by TRL's
-    `num_tokens` (already summed over processes) for DPO."""
+def tokens_seen(trainer, counts: TokenCounts | None) -> int | None:
+    """Real (non-padding) tokens processed by all processes: counted by our SFT and ORPO trainers, by TRL's
+    `num_tokens` (already summed over processes) for DPO, KTO, reward and GRPO; None where nothing counted them."""
     if counts is not None:
         return int(launch.total(counts.real))
     rows = [r["num_tokens"] for r in trainer.state.log_history if "num_tokens" in r]
-    return int(rows[-1]) if rows else 0
+    return int(rows[-1]) if rows else None
 
 
 def manifest(recipe: Recipe, plan: Plan, loaded: models.Loaded, prepared, settings: RunSettings, summary: dict, final: dict,

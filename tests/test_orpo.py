@@ -51,6 +51,8 @@ def test_first_step_loss_is_orpo_definition(tmp_path, tiny):
                     logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float()
                     logps = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
                     answer = labels[:, 1:] != -100
+                    seen["real"] = seen.get("real", 0) + int(attn.sum())  # prompt + answer of both sides run through the model
+                    seen["labelled"] = seen.get("labelled", 0) + int((labels != -100).sum())
                     seen[side] = (logps * answer).sum(-1) / answer.sum(-1)  # mean log-probability of the answer
                     if side == "chosen":
                         every = attn[:, 1:].bool()  # TRL: every real token of the chosen sequence
@@ -64,6 +66,10 @@ def test_first_step_loss_is_orpo_definition(tmp_path, tiny):
     assert first["loss"] == pytest.approx(expected, abs=1e-4)
     assert first["nll_loss"] == pytest.approx(seen["nll"].item(), abs=1e-4)
     assert first["log_odds_chosen"] == pytest.approx(log_odds.mean().item(), abs=1e-4)
+    # TRL's ORPO logs no token count: the trainer counts this one batch's tokens, so the summary has tokens/s (was 0.0)
+    summary = json.loads((out / "manifest.json").read_text())["summary"]
+    assert summary["trained tokens"] == seen["labelled"] > 0
+    assert summary["tokens/s"] == pytest.approx(seen["real"] / summary["train time (s)"], rel=0.05)
 
 
 @pytest.mark.parametrize("quant", ["none", "4bit"])
