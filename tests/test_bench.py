@@ -99,9 +99,6 @@ def test_method_legs_train_a_step_each_on_the_tiny_model(tiny, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="finetune kto crashes when an answer must be cut to fit data.max_length (the tiny "
-                   "tokenizer makes the bench's answers long): finetune/data/unpaired.fit_unpaired uses fit._cut_answer's result as "
-                   "a string, but it now returns (text, ids); remove this mark once fixed")
 def test_kto_legs_train_a_step_on_the_tiny_model(tiny, tmp_path):
     report, _ = run_method_bench(tiny, tmp_path, "--only", "kto")
     for side in ("toolkit", "baseline"):
