@@ -80,7 +80,8 @@ def test_examples_columns_behave_as_a_list_of_examples():
 def test_prepared_sft_data_are_arrays_from_workers_to_cache(tmp_path, tiny_tokenizer, monkeypatch):
     rows = [{"messages": [m if m["role"] == "system" or m["content"].strip() else {**m, "content": "ok"} for m in c]}
             for c in conversations(60, seed=3) if c[-1]["role"] == "assistant"]  # blank turns are refused: filled in
-    s = DataSection(train=str(write_jsonl(tmp_path / "t.jsonl", rows)), validation=0.2, max_length=40, num_proc=2)
+    s = DataSection(train=str(write_jsonl(tmp_path / "t.jsonl", rows)), validation=0.2, max_length=96, num_proc=2,
+                    max_dropped_fraction=0.9)
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
     first = data.prepare(s, tiny_tokenizer, "sft", 42, log=lambda _: None)
     second = data.prepare(s, tiny_tokenizer, "sft", 42, log=lambda _: None)
@@ -92,4 +93,4 @@ def test_prepared_sft_data_are_arrays_from_workers_to_cache(tmp_path, tiny_token
     for e in list(first.train) + list(first.validation):
         line = int(e.where.rsplit(" ", 1)[1])
         ids, labels = data.tokenize_conversation(tiny_tokenizer, rows[line - 1]["messages"], "completions")
-        assert (e.input_ids, e.labels) == (ids, labels) if not e.truncated else len(e.input_ids) == 40 < len(ids)
+        assert (e.input_ids, e.labels) == (ids, labels) if not e.truncated else len(e.input_ids) <= 96 < len(ids)
