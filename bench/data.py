@@ -92,7 +92,7 @@ def finetune_side(a) -> dict:
     t = time.perf_counter()
     prepared = data.prepare(section, tok, "sft", 42, log=lambda s: None)
     seconds = time.perf_counter() - t
-    tokens = sum(len(e.input_ids) for e in prepared.train)
+    tokens = int(prepared.train.lengths().sum())
     return {"seconds": seconds, "cache": prepared.cache, "examples": len(prepared.train), "tokens": tokens,
             "truncated": prepared.truncated, "dropped": sum(prepared.dropped.values()), **peak_rss()}
 
@@ -190,6 +190,11 @@ def main() -> None:
     r["ratios"] = {"first_vs_trl": r["finetune_first"]["seconds"] / base, "cached_vs_trl": r["finetune_cached"]["seconds"] / base}
     if "trl_parallel" in r:
         r["ratios"]["first_vs_trl_parallel"] = r["finetune_first"]["seconds"] / r["trl_parallel"]["seconds"]
+    r["ratios"]["cached_vs_first"] = r["finetune_cached"]["seconds"] / r["finetune_first"]["seconds"]
+    # memory: the main process alone, and with its largest worker added (forked workers share pages, so the sum overstates)
+    both = lambda side: side["peak_rss_mib"] + side["peak_worker_rss_mib"]  # noqa: E731
+    r["ratios"]["peak_memory_vs_trl"] = r["finetune_first"]["peak_rss_mib"] / r["trl"]["peak_rss_mib"]
+    r["ratios"]["peak_memory_with_workers_vs_trl"] = both(r["finetune_first"]) / both(r["trl"])
     print(json.dumps(r["ratios"]), flush=True)
     save()
     if not a.no_table:
@@ -217,6 +222,10 @@ def write_table(r: dict, stamp: str) -> None:
         lines.append(row(f"TRL, `dataset_num_proc={r['cpus']}`", r["trl_parallel"], f"{r['trl_parallel']['seconds'] / base:.2f}"))
     lines += [row("finetune `data.prepare`, first run", r["finetune_first"], f"**{r['ratios']['first_vs_trl']:.2f}**"),
               row("finetune `data.prepare`, cached run", r["finetune_cached"], f"**{r['ratios']['cached_vs_trl']:.3f}**")]
+    q = r["ratios"]
+    lines += ["", f"Ratios: first run / TRL **{q['first_vs_trl']:.2f}**, cached run / first run **{q['cached_vs_first']:.3f}**, "
+              f"peak memory / TRL's **{q['peak_memory_vs_trl']:.2f}** (main process), {q['peak_memory_with_workers_vs_trl']:.2f} "
+              "(main process + its largest worker on each side; forked workers share pages with the parent, so this overstates)."]
     with (ROOT / "docs" / "benchmarks.md").open("a") as fh:
         fh.write("\n".join(lines) + "\n")
 

@@ -193,6 +193,12 @@ def statistics_for(recipe: Recipe, prepared: data.Prepared, tokenizer) -> dict:
     if paired:
         lengths = [pair.length for pair in prepared.train]
         trained_share = None
+    elif isinstance(prepared.train, data.Examples):  # columns: counted without a Python int per token
+        ex = prepared.train
+        lengths = ex.lengths().tolist()
+        firsts = ex.offsets[:-1][ex.lengths() > 0]  # the first label of an example is never predicted
+        trained = int((ex.labels != -100).sum() - (ex.labels[firsts] != -100).sum())
+        trained_share = trained / max(1, sum(lengths))
     else:
         lengths = [len(e.input_ids) for e in prepared.train]
         trained = sum(sum(1 for t in e.labels[1:] if t != -100) for e in prepared.train)

@@ -8,6 +8,7 @@ template   chat template, assistant spans, loss masks, the template check, end-o
 fit        one example into data.max_length (truncation that keeps what is trained) or why it is dropped
 prompts    rows -> prompts (+ the row's other columns) for online RL
 prepare    the whole path for a recipe -> `Prepared` (typed `Example`s or `PreferencePair`s + counts), in worker processes
+examples   SFT examples as columns (flat int32 ids and labels + offsets) from the workers through the cache to the trainer
 cache      prepared data on disk, keyed by file hashes, tokenizer, template, settings, method and seed
 clean      `finetune data clean`: duplicates, near duplicates, leaks, empty answers, mojibake, personal data
 """
@@ -19,6 +20,7 @@ from finetune.data.formats import (
     to_messages,
     to_preference,
 )
+from finetune.data.examples import Examples
 from finetune.data.prepare import (
     Example,
     PreferencePair,
@@ -45,7 +47,7 @@ from finetune.data.template import (
 )
 
 __all__ = [
-    "DEFAULT_CHAT_TEMPLATE", "READERS", "ROLE_ALIASES", "SFT_FORMATS", "Example", "PreferencePair", "Prepared", "Row",
+    "DEFAULT_CHAT_TEMPLATE", "READERS", "ROLE_ALIASES", "SFT_FORMATS", "Example", "Examples", "PreferencePair", "Prepared", "Row",
     "assistant_spans", "check_template", "describe_dropped", "detect", "end_of_turn_ids", "ensure_chat_template", "expand",
     "normalise", "prepare", "read", "read_file", "read_hub", "read_train", "render", "split_validation", "to_dataset",
     "to_messages", "to_preference", "to_preference_dataset", "to_unpaired_dataset", "tokenize_conversation", "tokenize_text",

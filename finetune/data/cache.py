@@ -21,6 +21,8 @@ from dataclasses import fields
 from itertools import chain
 from pathlib import Path
 
+from finetune.data.examples import Example, Examples
+
 FORMAT = 2  # bump when what prepare() produces for the same input changes
 
 
@@ -74,6 +76,13 @@ def _arrays(cls) -> list[str]:
 def _write(folder: Path, name: str, items: list, cls) -> None:
     import numpy as np
 
+    if isinstance(items, Examples):  # SFT examples are columns already: their arrays are written as they are
+        with (folder / f"{name}.jsonl").open("w") as fh:
+            fh.writelines(json.dumps({"where": w, "truncated": t}) + "\n" for w, t in zip(items.where, items.truncated.tolist()))
+        for field in ("input_ids", "labels"):
+            np.save(folder / f"{name}.{field}.npy", getattr(items, field), allow_pickle=False)
+            np.save(folder / f"{name}.{field}.lengths.npy", items.lengths(), allow_pickle=False)
+        return
     arrays = _arrays(cls)
     with (folder / f"{name}.jsonl").open("w") as fh:
         fh.writelines(json.dumps({k: v for k, v in vars(e).items() if k not in arrays}) + "\n" for e in items)
@@ -88,6 +97,15 @@ def _read(folder: Path, name: str, cls) -> list:
     import numpy as np
 
     rest = [json.loads(line) for line in (folder / f"{name}.jsonl").read_text().splitlines() if line]
+    if cls is Example:  # back into columns without a Python int per token
+        arrays, offsets = [], None
+        for field in ("input_ids", "labels"):
+            arrays.append(np.load(folder / f"{name}.{field}.npy", allow_pickle=False))
+            ends = np.cumsum(np.load(folder / f"{name}.{field}.lengths.npy", allow_pickle=False))
+            if len(ends) != len(rest) or (len(ends) and ends[-1] != len(arrays[-1])) or (offsets is not None and not np.array_equal(ends, offsets[1:])):
+                raise ValueError(f"{name}.{field}: lengths do not match")  # damaged: prepared again
+            offsets = np.concatenate([[0], ends])
+        return Examples(*arrays, offsets, [r["where"] for r in rest], [r["truncated"] for r in rest])
     columns = {}
     for field in _arrays(cls):
         flat = np.load(folder / f"{name}.{field}.npy", allow_pickle=False).tolist()

@@ -48,9 +48,11 @@ def _without_first_exchange(messages: list[dict]) -> list[dict] | None:
     return messages[:n_sys] + rest[nxt:]
 
 
-def fit_sft(tokenizer, rec: dict, max_length: int, truncation: str, train_on: str):
-    """-> (ids, labels, [how it was shortened]) or Dropped."""
-    if "text" in rec:
+def fit_sft(tokenizer, rec: dict, max_length: int, truncation: str, train_on: str, encoded: tuple[list[int], list[int]] | None = None):
+    """-> (ids, labels, [how it was shortened]) or Dropped. `encoded`: the record's ids and labels, when already tokenized."""
+    if encoded is not None:
+        ids, labels = encoded
+    elif "text" in rec:
         ids, labels = tokenize_text(tokenizer, rec["text"])
     else:
         ids, labels = tokenize_conversation(tokenizer, rec["messages"], train_on)

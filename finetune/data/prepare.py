@@ -1,7 +1,7 @@
 """The whole data path for a recipe: read, normalise, tokenize, fit into data.max_length, split off
 validation rows, count what was cut or dropped and say so in words -> a typed `Prepared` result.
 
-SFT gives `Example`s (token ids + labels, the trainer uses them as they are). DPO gives
+SFT gives `Examples` (token ids + labels in flat arrays, examples.py; the trainer uses them as they are). DPO gives
 `PreferencePair`s: prompt / chosen / rejected strings rendered with the chat template, which TRL's
 DPOTrainer tokenizes; their ids are computed here the way TRL does, so lengths are exact and already fit.
 """
@@ -9,24 +9,15 @@ DPOTrainer tokenizes; their ids are computed here the way TRL does, so lengths a
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, Literal, TypeVar, overload
 
 from finetune.data import cache, fit, formats, prompts, sources, template, unpaired
+from finetune.data.examples import Builder, Example, Examples
 from finetune.data.read import read as read_rows
 from finetune.errors import UserError
 from finetune.recipe import DataSection
-
-
-@dataclass
-class Example:
-    """One SFT example: token ids and their labels (-100 where no loss)."""
-
-    input_ids: list[int]
-    labels: list[int]
-    where: str
-    truncated: bool = False
 
 
 @dataclass
@@ -108,8 +99,8 @@ class Prepared(Generic[E]):
     format: str
     files: list[dict]
     rows: int
-    train: list[E]
-    validation: list[E]
+    train: Sequence[E]  # `Examples` for SFT, lists otherwise
+    validation: Sequence[E]
     truncated: int = 0
     dropped: dict[str, int] = field(default_factory=dict)  # cause -> rows, training and validation together
     truncations: dict[str, int] = field(default_factory=dict)  # how -> rows
@@ -143,20 +134,22 @@ def normalise(rows: list, fmt: str, method: str, system_prompt: str | None, trai
     return formats.normalise(rows, fmt, method, system_prompt)
 
 
-def tokenize_sft(tokenizer, records: list[tuple[dict, str]], section: DataSection, tally: Tally, check: bool) -> list[Example]:
-    examples = []
-    for i, (rec, where) in enumerate(records):
-        if check and i == 0 and "messages" in rec:
-            ids, labels = template.tokenize_conversation(tokenizer, rec["messages"], section.train_on)
-            template.check_template(tokenizer, rec["messages"], ids, labels)
-        got = fit.fit_sft(tokenizer, rec, section.max_length, section.truncation, section.train_on)
+def tokenize_sft(tokenizer, records: list[tuple[dict, str]], section: DataSection, tally: Tally, check: bool) -> Examples:
+    if check and records and "messages" in records[0][0]:
+        msgs = records[0][0]["messages"]
+        ids, labels = template.tokenize_conversation(tokenizer, msgs, section.train_on)
+        template.check_template(tokenizer, msgs, ids, labels)
+    examples = Builder()
+    # rendered and tokenized in batches; fitting (rarely more than a length check) row by row
+    for (rec, where), encoded in zip(records, template.tokenize_records(tokenizer, [r for r, _ in records], section.train_on)):
+        got = fit.fit_sft(tokenizer, rec, section.max_length, section.truncation, section.train_on, encoded)
         if isinstance(got, fit.Dropped):
             tally.drop(got, where)
             continue
         ids, labels, how = got
         tally.cut(how)
-        examples.append(Example(ids, labels, where, bool(how)))
-    return examples
+        examples.add(ids, labels, where, bool(how))
+    return examples.finish()
 
 
 def tokenize_preference(tokenizer, records: list[tuple[dict, str]], section: DataSection, tally: Tally, check: bool) -> list[PreferencePair]:
@@ -204,8 +197,11 @@ def workers(setting: int | None, rows: int) -> int:
 
 
 def _set_job(job: tuple) -> None:
+    import os
+
     global _job
     _job = job
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one worker per core already: no tokenizer threads on top
 
 
 def _tokenize_chunk(bounds: tuple[int, int]) -> tuple[list, Tally]:
@@ -229,11 +225,11 @@ def tokenize_all(tokenizer, records: list[tuple[dict, str]], section: DataSectio
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     with ctx.Pool(n, initializer=_set_job, initargs=((tokenizer, records, section, kind, check),)) as pool:
         results = pool.map(_tokenize_chunk, bounds, chunksize=1)
-    out: list = []
-    for examples, part in results:
-        out += examples
+    for _, part in results:
         tally.add(part)
-    return out
+    if kind == "sft":
+        return Examples.concat([examples for examples, _ in results])
+    return [e for examples, _ in results for e in examples]
 
 
 @overload
@@ -281,7 +277,7 @@ def _prepare(section: DataSection, tokenizer, method: str, seed: int, log: Calla
     kind = "unpaired" if method == "kto" else "preference" if fmt == "preference" else "sft"
     train, val = Tally(rows=len(records)), Tally(rows=len(val_records))
     prepared.train = tokenize_all(tokenizer, records, section, kind, train, True)
-    prepared.validation = tokenize_all(tokenizer, val_records, section, kind, val, False) if val_records else []
+    prepared.validation = tokenize_all(tokenizer, val_records, section, kind, val, False) if val_records else Examples.concat([]) if kind == "sft" else []
     n_records, has_validation = len(records), bool(val_records)
     del records, val_records  # tokenized: from here on only the examples are held
     for tally in (train, val):
@@ -311,10 +307,11 @@ def _prepare(section: DataSection, tokenizer, method: str, seed: int, log: Calla
     return prepared
 
 
-def to_dataset(examples: list[Example]):
-    import datasets
-
-    return datasets.Dataset.from_dict({"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]})
+def to_dataset(examples: Sequence[Example]):
+    """The trainer's dataset of input_ids and labels (from the columns of `Examples`, or from a list of `Example`)."""
+    if not isinstance(examples, Examples):
+        examples = Examples.from_list(examples)
+    return examples.to_dataset()
 
 
 def to_preference_dataset(pairs: list[PreferencePair]):
