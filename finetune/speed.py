@@ -20,8 +20,12 @@ VARLEN = "finetune_varlen_sdpa"
 CHUNK = 512  # positions per chunk of the output head: 512 x 49k vocabulary x fp32 = 100 MB
 
 
-# methods that keep gradient checkpointing on on a CPU (see gradient_checkpointing)
-CPU_RECOMPUTE = ("dpo", "orpo")
+# methods that keep gradient checkpointing on on a CPU (see gradient_checkpointing). The rule: a CPU run keeps
+# activations for speed unless recomputing them costs at most ~20 % of the step, then the memory wins. Measured
+# on the bench tasks (bench/methods.py, bench/run.py; docs/benchmarks.md): recomputing costs DPO ~15 % and KTO
+# ~18 % (KTO: 2.3 vs 2.9 GB peak), reward models ~29 % and SFT ~40 %, so those two keep their activations; ORPO
+# has DPO's doubled batch. GRPO's step is mostly generation; its flipped leg has not been measured.
+CPU_RECOMPUTE = ("dpo", "orpo", "kto")
 
 
 @dataclass
