@@ -22,7 +22,7 @@ CHUNK = 512  # positions per chunk of the output head: 512 x 49k vocabulary x fp
 
 # methods that keep gradient checkpointing on on a CPU (see gradient_checkpointing). The rule: a CPU run keeps
 # activations for speed unless recomputing them costs at most ~20 % of the step, then the memory wins. Measured
-# on the bench tasks (bench/methods.py, bench/run.py; docs/benchmarks.md): recomputing costs DPO ~15 % and KTO
+# on the bench tasks (bench/methods.py, bench/run.py; docs/benchmarks.md): recomputing costs DPO ~19 % and KTO
 # ~18 % (KTO: 2.3 vs 2.9 GB peak), reward models ~29 % and SFT ~40 %, so those two keep their activations; ORPO
 # has DPO's doubled batch. GRPO's step is mostly generation; its flipped leg has not been measured.
 CPU_RECOMPUTE = ("dpo", "orpo", "kto")
@@ -76,7 +76,7 @@ def gradient_checkpointing(setting, device: str, n_params: int, method: str) -> 
         return bool(setting)
     # recomputation costs ~30 % speed; worth it where activations don't fit: big models on GPUs. DPO on a
     # CPU is the exception: chosen and rejected double the activations. With TRL 1.16's fused log-prob head,
-    # recomputing costs DPO ~15 % of its step time on the bench task and saves 27 % of peak memory (7.6-8.7 s
+    # recomputing costs DPO ~19 % of its speed on the bench task and saves 27 % of peak memory (7.6-8.7 s
     # vs 6.3-6.9 s a step, 3.5-3.6 GB vs 4.8-4.9 GB; plain TRL DPO peaks at 3.1 GB), so it stays on: without
     # it DPO would need 1.6x the memory of the plain TRL script it replaces
     return (device == "cuda" and n_params >= 1e9) or (device == "cpu" and method in CPU_RECOMPUTE)
