@@ -162,9 +162,12 @@ def sft_toolkit(args, gc=None) -> dict:
     return leg_result(args, timer, trainer, real, padded, speed=dataclasses.asdict(built.settings))
 
 
-def sft_toolkit_profile(args) -> dict:
-    """Where finetune's SFT step spends its time: torch's profiler over the steps after the first, ops grouped by name
-    (self time, so nothing counts twice), each with its share of the profiled wall time."""
+def profiled(args, method: str, run) -> dict:
+    """Where finetune's step spends its time: torch's profiler over the steps after the first of `run()` (a leg
+    whose trainer `finetune.<method>.build` makes), ops grouped by name (self time, so nothing counts twice),
+    each with its share of the profiled time."""
+    import importlib
+
     import torch
     from transformers import TrainerCallback
 
@@ -183,15 +186,14 @@ def sft_toolkit_profile(args) -> dict:
                 self.prof.__exit__(None, None, None)
 
     cb = Profile()
-    real_build = __import__("finetune.sft", fromlist=["build"]).build
+    module = importlib.import_module(f"finetune.{method}")
+    real_build = module.build
 
     def build(r, out, callbacks=()):
         return real_build(r, out, [*callbacks, cb])
 
-    import finetune.sft
-
-    finetune.sft.build = build
-    res = sft_toolkit(args)
+    module.build = build
+    res = run()
     events = cb.prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:25]
@@ -408,9 +410,10 @@ def matmul_peak_gflops(device: str) -> dict:
 
 
 ONE = {"sft-toolkit": sft_toolkit, "sft-baseline": sft_baseline, "sft-toolkit-trl-loss": sft_toolkit_trl_loss,
-       "sft-tuned": sft_tuned, "sft-toolkit-profile": sft_toolkit_profile, "sft-llamafactory": sft_llamafactory, "sft-toolkit-gc": lambda a: sft_toolkit(a, gc=True),
+       "sft-tuned": sft_tuned, "sft-toolkit-profile": lambda a: profiled(a, "sft", lambda: sft_toolkit(a)), "sft-llamafactory": sft_llamafactory, "sft-toolkit-gc": lambda a: sft_toolkit(a, gc=True),
        "whole-baseline": lambda a: trl_whole(a, tuned=False), "whole-tuned": lambda a: trl_whole(a, tuned=True),
        "dpo-toolkit": lambda a: dpo_side(a, True), "dpo-baseline": lambda a: dpo_side(a, False),
+       "dpo-toolkit-profile": lambda a: profiled(a, "dpo", lambda: dpo_side(a, True)),
        "eval-toolkit": lambda a: eval_side(a, True), "eval-baseline": lambda a: eval_side(a, False),
        "merge-toolkit": lambda a: merge_side(a, True), "merge-baseline": lambda a: merge_side(a, False),
        "chat-toolkit": lambda a: chat_side(a, True), "chat-baseline": lambda a: chat_side(a, False),
