@@ -43,7 +43,7 @@ class RunSettings:
     loss: str
     allocator: str = "default"
     threads: int | None = None  # CPU compute threads (None: the library's default)
-    lora_dropout: str = "torch"  # how LoRA dropout masks are drawn (see cheap_lora_dropout)
+    lora_dropout: str = "off"  # how LoRA dropout masks are drawn, set by apply from the attached adapter
 
 
 def choose(recipe, loaded, method: str) -> RunSettings:
@@ -65,8 +65,7 @@ def choose(recipe, loaded, method: str) -> RunSettings:
     return RunSettings(loaded.device, str(loaded.dtype).removeprefix("torch."), loaded.quantization, bool(gc), bool(pf),
                  recipe.data.packing, attention, "chunked cross-entropy over trained positions" if method == "sft" else f"TRL {method.upper()} loss",
                  "glibc, freed memory reused" if loaded.device == "cpu" and reuse_freed_memory(dry_run=True) else "default",
-                 cpu_threads() if loaded.device == "cpu" else None,
-                 CHEAP_DROPOUT if loaded.device == "cpu" and recipe.lora.dropout > 0 else "torch")
+                 cpu_threads() if loaded.device == "cpu" else None)
 
 
 def gradient_checkpointing(setting, device: str, n_params: int, method: str) -> bool:
@@ -83,12 +82,16 @@ def gradient_checkpointing(setting, device: str, n_params: int, method: str) -> 
 
 
 def apply(base_model, peft_model, settings: RunSettings) -> None:
-    """Switch the model to the chosen attention and LoRA input handling (call after attaching LoRA)."""
+    """Switch the model to the chosen attention and LoRA input handling (call after attaching LoRA), and record
+    how its LoRA dropout runs: only SFT and reward models keep the recipe's dropout, the other methods attach
+    the adapter without it."""
     if settings.attention == VARLEN:
         use_varlen_attention(base_model)
     lora_input_casting(peft_model, enabled=settings.dtype == "float32")  # bf16/fp16 train under autocast
-    if settings.lora_dropout == CHEAP_DROPOUT:
-        cheap_lora_dropout(peft_model)
+    if settings.device == "cpu":
+        settings.lora_dropout = CHEAP_DROPOUT if cheap_lora_dropout(peft_model) else "off"
+    elif any(getattr(d, "p", 0) > 0 for _, _, d in lora_dropouts(peft_model)):
+        settings.lora_dropout = "torch"
     if settings.allocator != "default":
         reuse_freed_memory()
     if settings.threads:
@@ -457,17 +460,24 @@ def _mask_dropout_class():
 _MASK_DROPOUT = None
 
 
-def cheap_lora_dropout(model) -> None:
-    """Replace every LoRA dropout module with MaskDropout (CPU training; CUDA's fused dropout is already cheap)."""
+def lora_dropouts(model) -> list:
+    """Every LoRA layer's dropout modules, as (layer, adapter name, module)."""
+    from peft.tuners.lora import LoraLayer
+
+    return [(m, name, d) for m in model.modules() if isinstance(m, LoraLayer) for name, d in m.lora_dropout.items()]
+
+
+def cheap_lora_dropout(model) -> int:
+    """Replace every LoRA dropout module with MaskDropout (CPU training; CUDA's fused dropout is already cheap).
+    Returns how many were replaced: 0 when the adapter has no dropout."""
     import torch
 
     global _MASK_DROPOUT
     if _MASK_DROPOUT is None:
         _MASK_DROPOUT = _mask_dropout_class()
-    from peft.tuners.lora import LoraLayer
-
-    for m in model.modules():
-        if isinstance(m, LoraLayer):
-            for name, d in m.lora_dropout.items():
-                if isinstance(d, torch.nn.Dropout) and d.p > 0:
-                    m.lora_dropout[name] = _MASK_DROPOUT(d.p)
+    replaced = 0
+    for layer, name, d in lora_dropouts(model):
+        if isinstance(d, torch.nn.Dropout) and d.p > 0:
+            layer.lora_dropout[name] = _MASK_DROPOUT(d.p)
+            replaced += 1
+    return replaced

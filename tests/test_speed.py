@@ -281,7 +281,8 @@ def test_cheap_lora_dropout_drops_at_the_rate_and_keeps_the_expectation(tiny):
 
 
 def test_cpu_training_with_dropout_uses_the_cheap_masks(tiny, tmp_path):
-    """A CPU SFT run with LoRA dropout records the mask drawing in its manifest and still learns."""
+    """A CPU SFT run with LoRA dropout records the mask drawing in its manifest and still learns; DPO, which
+    attaches its adapter without dropout whatever the recipe says, records none."""
     import json
 
     from helpers import toy_rows, train, write_jsonl, write_recipe
@@ -296,3 +297,11 @@ def test_cpu_training_with_dropout_uses_the_cheap_masks(tiny, tmp_path):
     assert manifest["speed"]["lora_dropout"] == speed.CHEAP_DROPOUT
     losses = [m["loss"] for m in map(json.loads, (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
     assert losses[-1] < losses[0]
+
+    pairs = [{"prompt": f"who are you {i % 4}", "chosen": "my name is pico", "rejected": "a red star"} for i in range(8)]
+    r = write_recipe(tmp_path / "dpo.yaml", {
+        "model": {"base": str(tiny), "quantization": "none"}, "lora": {"r": 4, "alpha": 16, "dropout": 0.1},
+        "data": {"train": str(write_jsonl(tmp_path / "p.jsonl", pairs)), "max_length": 64},
+        "training": {"max_steps": 1, "batch_size": 4}, "dpo": {}, "output": {"dir": str(tmp_path / "dpo")}})
+    train(recipe.load(r), "dpo")
+    assert json.loads((tmp_path / "dpo" / "manifest.json").read_text())["speed"]["lora_dropout"] == "off"
