@@ -51,8 +51,7 @@ def build(recipe: Recipe, out: Path, callbacks: Sequence = ()) -> Built:
     """Load the base, render the pairs, attach LoRA and make the trainer (checkpoints go to `out`)."""
     from trl import DPOConfig
 
-    loaded = models.load(recipe.model, log=console.print)
-    console.print(f"base: {loaded.base.spec} ({loaded.base.kind}) · {loaded.quantization} · {loaded.device} · {loaded.dtype}")
+    loaded = training.load_base(recipe)
     prepared = data.prepare(recipe.data, loaded.tokenizer, "dpo", recipe.training.seed, log=console.print)
     settings = speed.choose(recipe, loaded, "dpo")
     training.warn_memory(recipe, loaded)

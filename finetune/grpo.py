@@ -71,8 +71,7 @@ def build(recipe: Recipe, out: Path, callbacks: Sequence = ()) -> Built:
     import datasets
     from trl import GRPOConfig
 
-    loaded = models.load(recipe.model, log=console.print)
-    console.print(f"base: {loaded.base.spec} ({loaded.base.kind}) · {loaded.quantization} · {loaded.device} · {loaded.dtype}")
+    loaded = training.load_base(recipe)
     prepared = read_prompts(recipe, loaded.tokenizer)
     settings = speed.choose(recipe, loaded, "grpo")
     training.warn_memory(recipe, loaded)

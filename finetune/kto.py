@@ -58,8 +58,7 @@ def build(recipe: Recipe, out: Path, callbacks: Sequence = ()) -> Built:
     """Load the base, render the labelled answers, attach LoRA and make the trainer (checkpoints go to `out`)."""
     from trl import KTOConfig
 
-    loaded = models.load(recipe.model, log=console.print)
-    console.print(f"base: {loaded.base.spec} ({loaded.base.kind}) · {loaded.quantization} · {loaded.device} · {loaded.dtype}")
+    loaded = training.load_base(recipe)
     prepared = data.prepare(recipe.data, loaded.tokenizer, "kto", recipe.training.seed, log=console.print)
     unpaired.check_both_labels([({"label": e.label}, e.where) for e in prepared.train], prepared.train[0].where)
     weights = class_weights(recipe, *unpaired.counts(prepared.train))

@@ -56,8 +56,7 @@ def build(recipe: Recipe, out: Path, callbacks: Sequence = ()) -> Built:
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from trl.experimental.orpo import ORPOConfig
 
-    loaded = models.load(recipe.model, log=console.print)
-    console.print(f"base: {loaded.base.spec} ({loaded.base.kind}) · {loaded.quantization} · {loaded.device} · {loaded.dtype}")
+    loaded = training.load_base(recipe)
     prepared = data.prepare(recipe.data, loaded.tokenizer, "orpo", recipe.training.seed, log=console.print)
     settings = speed.choose(recipe, loaded, "orpo")
     training.warn_memory(recipe, loaded)

@@ -54,8 +54,7 @@ def build(recipe: Recipe, out: Path, callbacks: Sequence = ()) -> Built:
     # the score head is new: it is initialised while the base loads, from the global generator, so without a seed
     # here it would depend on whatever ran before in the process (the seed reproduces it, as it does the LoRA init)
     set_seed(recipe.training.seed)
-    loaded = models.load(recipe.model, classifier=True, log=console.print)
-    console.print(f"base: {loaded.base.spec} ({loaded.base.kind}) · {loaded.quantization} · {loaded.device} · {loaded.dtype} · score head")
+    loaded = training.load_base(recipe, classifier=True)
     # the pairs are rendered and fitted exactly as for DPO; the trainer scores prompt+chosen against prompt+rejected
     prepared = data.prepare(recipe.data, loaded.tokenizer, "reward", recipe.training.seed, log=console.print)
     settings = speed.choose(recipe, loaded, "reward")

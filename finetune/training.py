@@ -95,6 +95,14 @@ def training_args(recipe: Recipe, settings: RunSettings, out: Path, has_eval: bo
     )
 
 
+def load_base(recipe: Recipe, classifier: bool = False) -> models.Loaded:
+    """The recipe's base loaded for training, and the line that says what was loaded (every method prints it)."""
+    loaded = models.load(recipe.model, classifier=classifier, log=console.print)
+    console.print(f"base: {loaded.base.spec} ({loaded.base.kind}) · {loaded.quantization} · {loaded.device} · {loaded.dtype}"
+                  + (" · score head" if classifier else ""))
+    return loaded
+
+
 def attach_lora(recipe: Recipe, loaded: models.Loaded, settings: RunSettings, dropout: float | None = None,
                 task_type: str = "CAUSAL_LM"):
     """The base with a new LoRA adapter (or the recipe's starting adapter, trainable). `dropout` overrides the
