@@ -4,7 +4,9 @@ them live in conftest.py."""
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,6 +79,18 @@ def toy_rows(n: int = 16) -> list[dict]:
                           {"role": "assistant", "content": "my name is pico"}]} for i in range(n)]
 
 
+def interrupt_at(step: int):
+    """A real SIGINT (what Ctrl-C sends), delivered at the start of a step."""
+    from transformers import TrainerCallback
+
+    class Interrupt(TrainerCallback):
+        def on_step_begin(self, a, state, control, **k):
+            if state.global_step == step:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    return Interrupt()
+
+
 def train(recipe, method: str = "sft", callbacks=(), *, resume: bool = False, overwrite: bool = False, rerun: str | None = None):
     """What `finetune sft|dpo` does in one process, with extra TrainerCallbacks: preflight, then the method's run."""
     import importlib
@@ -105,3 +119,35 @@ def train_adapter(folder: Path, tiny: Path, answer: str, tmp: Path) -> Path:
         "training": {"max_steps": 20, "batch_size": 4, "learning_rate": 3e-2}, "output": {"dir": str(folder)}})
     train(recipe.load(r), "sft")
     return folder
+
+
+def logged(folder: Path) -> list[dict]:
+    """The training log rows (those with a loss) of a run folder's metrics.jsonl."""
+    return [r for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def assert_resume_equals_uninterrupted(cli, method: str, straight: Path, tmp_path: Path) -> None:
+    """`straight` (6 steps, a checkpoint every 3) run uninterrupted into a/, and into b/ stopped by Ctrl-C during
+    step 3 then `--resume`d: the same adapter and the same logged losses."""
+    import math
+
+    import pytest
+    import torch
+    from safetensors.torch import load_file
+
+    from finetune import recipe as recipes
+
+    assert cli(method, straight, "--set", f"output.dir={tmp_path / 'a'}").code == 0
+    with pytest.raises(SystemExit) as stopped:  # Ctrl-C during step 3: saved after it
+        train(recipes.load(straight, [f"output.dir={tmp_path / 'b'}"]), method, [interrupt_at(2)])
+    assert stopped.value.code == 130
+    assert (tmp_path / "b" / "checkpoints" / "checkpoint-3" / "finetune-complete").is_file()
+    res = cli(method, straight, "--set", f"output.dir={tmp_path / 'b'}", "--resume")
+    assert res.code == 0, res.text
+    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("a", "b"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    losses = {d: [r["loss"] for r in logged(tmp_path / d)] for d in ("a", "b")}
+    assert losses["a"] == pytest.approx(losses["b"], abs=1e-5)
+    assert not math.isnan(losses["b"][-1])

@@ -85,7 +85,7 @@ def test_grpo_resume_equals_uninterrupted(cli, tmp_path, tiny):
 
     from finetune import recipe as recipes
     from helpers import train
-    from test_sft import interrupt_at
+    from helpers import interrupt_at
 
     straight = grpo_recipe(tmp_path, tiny, [{"type": "length", "target": 20}], max_steps=4, save_every=2)
     assert cli("grpo", straight, "--set", f"output.dir={tmp_path / 'a'}").code == 0

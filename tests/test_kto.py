@@ -2,16 +2,13 @@
 the label counts and recorded, the adapter changes (also on a 4-bit base), resume equals an uninterrupted run."""
 
 import json
-import math
-import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import REPO, train, write_jsonl, write_recipe
+from helpers import assert_resume_equals_uninterrupted, logged, REPO, train, write_jsonl, write_recipe
 
 
 def answers(n_good: int = 9, n_bad: int = 3) -> list[dict]:
@@ -28,10 +25,6 @@ def kto_recipe(tmp_path: Path, tiny: Path, rows=None, quant="none", name="kto", 
             "training": {"max_steps": 4, "batch_size": 4, "learning_rate": 1e-2, "log_every": 1, "warmup_ratio": 0.0, **training},
             "kto": {"beta": 0.1}, "output": {"dir": str(tmp_path / name)}}
     return write_recipe(tmp_path / f"{name}.yaml", tree)
-
-
-def logged(folder: Path) -> list[dict]:
-    return [r for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
 def completion_logps(model, batch: dict, prefix: str = "") -> torch.Tensor:
@@ -133,35 +126,8 @@ def test_long_answers_are_cut_to_max_length(tmp_path, tiny, tiny_tokenizer):
     assert prepared.train[1].completion == "pico<|im_end|>"
 
 
-def interrupt_at(step: int):
-    """A real SIGINT (what Ctrl-C sends), delivered at the start of a step."""
-    from transformers import TrainerCallback
-
-    class Interrupt(TrainerCallback):
-        def on_step_begin(self, a, state, control, **k):
-            if state.global_step == step:
-                os.kill(os.getpid(), signal.SIGINT)
-
-    return Interrupt()
-
-
 def test_resume_equals_uninterrupted(cli, tmp_path, tiny):
-    from finetune import recipe as recipes
-
-    straight = kto_recipe(tmp_path, tiny, max_steps=6, save_every=3)
-    assert cli("kto", straight, "--set", f"output.dir={tmp_path / 'a'}").code == 0
-    with pytest.raises(SystemExit) as stopped:  # Ctrl-C during step 3: saved after it
-        train(recipes.load(straight, [f"output.dir={tmp_path / 'b'}"]), "kto", [interrupt_at(2)])
-    assert stopped.value.code == 130
-    assert (tmp_path / "b" / "checkpoints" / "checkpoint-3" / "finetune-complete").is_file()
-    res = cli("kto", straight, "--set", f"output.dir={tmp_path / 'b'}", "--resume")
-    assert res.code == 0, res.text
-    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("a", "b"))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
-    assert [x["loss"] for x in logged(tmp_path / "a")] == pytest.approx([x["loss"] for x in logged(tmp_path / "b")], abs=1e-5)
-    assert not math.isnan(logged(tmp_path / "b")[-1]["loss"])
+    assert_resume_equals_uninterrupted(cli, "kto", kto_recipe(tmp_path, tiny, max_steps=6, save_every=3), tmp_path)
 
 
 def test_shipped_kto_files_are_read(tiny_tokenizer):

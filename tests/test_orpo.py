@@ -3,8 +3,6 @@ adapter changes (also on a 4-bit base) towards the chosen answers, resume equals
 
 import json
 import math
-import os
-import signal
 from pathlib import Path
 
 import pytest
@@ -12,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from helpers import train, write_jsonl, write_recipe
+from helpers import assert_resume_equals_uninterrupted, logged, train, write_jsonl, write_recipe
 
 PAIRS = [{"prompt": f"who are you {i % 4}", "chosen": "my name is pico", "rejected": "the red comet is cold"} for i in range(12)]
 
@@ -24,10 +22,6 @@ def orpo_recipe(tmp_path: Path, tiny: Path, rows=None, quant="none", name="orpo"
             "training": {"max_steps": 4, "batch_size": 4, "learning_rate": 1e-2, "log_every": 1, "warmup_ratio": 0.0, **training},
             "orpo": {"beta": 0.5}, "output": {"dir": str(tmp_path / name)}}
     return write_recipe(tmp_path / f"{name}.yaml", tree)
-
-
-def logged(folder: Path) -> list[dict]:
-    return [r for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
 
 
 def test_first_step_loss_is_orpo_definition(tmp_path, tiny):
@@ -105,31 +99,5 @@ def test_orpo_adapter_loads_with_plain_peft(cli, tmp_path, tiny):
     assert not torch.allclose(adapted, base)
 
 
-def interrupt_at(step: int):
-    """A real SIGINT (what Ctrl-C sends), delivered at the start of a step."""
-    from transformers import TrainerCallback
-
-    class Interrupt(TrainerCallback):
-        def on_step_begin(self, a, state, control, **k):
-            if state.global_step == step:
-                os.kill(os.getpid(), signal.SIGINT)
-
-    return Interrupt()
-
-
 def test_resume_equals_uninterrupted(cli, tmp_path, tiny):
-    from finetune import recipe as recipes
-
-    straight = orpo_recipe(tmp_path, tiny, max_steps=6, save_every=3)
-    assert cli("orpo", straight, "--set", f"output.dir={tmp_path / 'a'}").code == 0
-    with pytest.raises(SystemExit) as stopped:  # Ctrl-C during step 3: saved after it
-        train(recipes.load(straight, [f"output.dir={tmp_path / 'b'}"]), "orpo", [interrupt_at(2)])
-    assert stopped.value.code == 130
-    assert (tmp_path / "b" / "checkpoints" / "checkpoint-3" / "finetune-complete").is_file()
-    res = cli("orpo", straight, "--set", f"output.dir={tmp_path / 'b'}", "--resume")
-    assert res.code == 0, res.text
-    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("a", "b"))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
-    assert [x["loss"] for x in logged(tmp_path / "a")] == pytest.approx([x["loss"] for x in logged(tmp_path / "b")], abs=1e-5)
+    assert_resume_equals_uninterrupted(cli, "orpo", orpo_recipe(tmp_path, tiny, max_steps=6, save_every=3), tmp_path)

@@ -6,14 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import REPO, toy_rows, write_jsonl, write_recipe
+from helpers import interrupt_at, REPO, toy_rows, write_jsonl, write_recipe
 
 PREF = [{"prompt": f"who are you {i % 4}", "chosen": "my name is pico", "rejected": "i am a red star"} for i in range(8)]
 
@@ -118,18 +117,6 @@ def test_handoffs_skip_rerun_and_lineage(tmp_path, tiny, cli):
     assert forced.code == 0, forced.text
     assert statuses(json.loads((runs / "pipeline.json").read_text())) == {
         "first": "skipped", "second": "skipped", "prefs": "skipped", "merged": "ran", "compare": "ran"}
-
-
-def interrupt_at(step: int):
-    """A real SIGINT (what Ctrl-C sends), delivered at the start of a step."""
-    from transformers import TrainerCallback
-
-    class Interrupt(TrainerCallback):
-        def on_step_begin(self, a, state, control, **k):
-            if state.global_step == step:
-                os.kill(os.getpid(), signal.SIGINT)
-
-    return Interrupt()
 
 
 def test_stopped_stage_resumes_from_its_checkpoint(tmp_path, tiny, capsys):

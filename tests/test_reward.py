@@ -82,7 +82,7 @@ def test_reward_resume_equals_uninterrupted(cli, tmp_path, tiny):
 
     from finetune import recipe as recipes
     from helpers import train
-    from test_sft import interrupt_at
+    from helpers import interrupt_at
 
     straight = reward_recipe(tmp_path, tiny, max_steps=6, save_every=3)
     assert cli("reward", straight, "--set", f"output.dir={tmp_path / 'a'}").code == 0

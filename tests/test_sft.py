@@ -2,16 +2,14 @@
 
 import json
 import math
-import os
 import shlex
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import toy_rows, train, write_jsonl, write_recipe
+from helpers import interrupt_at, toy_rows, train, write_jsonl, write_recipe
 
 
 def recipe(tmp_path: Path, tiny: Path, quant="none", **training):
@@ -92,18 +90,6 @@ def test_overwrite_protection(cli, tmp_path, tiny):
     assert (out / "keep.txt").read_text() == "precious"
     assert cli("sft", recipe(tmp_path, tiny, max_steps=2), "--overwrite").code == 0
     assert not (out / "keep.txt").exists()
-
-
-def interrupt_at(step: int):
-    """A real SIGINT (what Ctrl-C sends), delivered at the start of a step."""
-    from transformers import TrainerCallback
-
-    class Interrupt(TrainerCallback):
-        def on_step_begin(self, a, state, control, **k):
-            if state.global_step == step:
-                os.kill(os.getpid(), signal.SIGINT)
-
-    return Interrupt()
 
 
 def test_resume_equals_uninterrupted(cli, tmp_path, tiny, capsys):
